@@ -1,0 +1,361 @@
+"""INT8 weight-only quantized training: ``Int8QTLinearWeight`` and its config.
+
+The weight lives in INT8 between steps, per-output-row symmetric (scale = absmax / 127). The
+forward and grad-input matmuls read the INT8 weight and dequantize it inside the kernel; the
+weight gradient is a plain dense tensor; the optimizer updates the weight in fp32 and writes it
+back with *stochastic* rounding, so updates far smaller than one quantization step still move
+the weight on average (round-to-nearest would drop them). See docs/int8_training.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from quantframe.api import QuantConfig, register_quantize_handler
+from quantframe.primitives import quantize_rowwise_int8
+from quantframe.tensor import QuantTensor, unsupported_op_message
+
+if torch.distributed.is_available():
+    # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
+    import torch.distributed._functional_collectives  # noqa: F401
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+__all__ = ["Int8WeightOnlyQuantizedTrainingConfig", "int8_weight_only_quantized_training", "Int8QTLinearWeight"]
+
+
+# ---- config ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int8WeightOnlyQuantizedTrainingConfig(QuantConfig):
+    """Per-row symmetric INT8 weights, updated with stochastic rounding."""
+
+
+def int8_weight_only_quantized_training() -> Int8WeightOnlyQuantizedTrainingConfig:
+    """Config for INT8 weight-only quantized training.
+
+    Example::
+
+        quantize_(model, int8_weight_only_quantized_training())
+        opt = quantframe.optim.AdamW(model.parameters(), lr=1e-3)
+    """
+    return Int8WeightOnlyQuantizedTrainingConfig()
+
+
+def check_weight(w: object, who: str) -> None:
+    """The input checks every weight quantizer shares: a finite, non-empty, 2-D float tensor."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor weight, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"{who}: weight must be floating point (float32/bfloat16/float16), got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{who}: weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{who}: weight is empty (shape {tuple(w.shape)})")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{who}: weight has NaN or Inf values")
+
+
+# ---- the tensor ------------------------------------------------------------------------------
+class Int8QTLinearWeight(QuantTensor):
+    """INT8 weight for quantized training.
+
+    Inner tensors: ``int_data`` int8 (logical shape, values in [-127, 127]) and ``scale`` fp32
+    ``[rows]``; row ``r`` is the ``r``-th run of ``row_len = numel // rows`` contiguous elements
+    (for the usual ``[N, K]`` weight: rows = N, row_len = K). Keeping the rows implicit lets
+    ``view``/``as_strided``/``slice`` on row boundaries be real views, which FSDP2 relies on.
+    Outer dtype: the gradient's dtype.
+    """
+
+    tensor_names = ("int_data", "scale")
+
+    def __init__(self, int_data: Tensor, scale: Tensor, *, shape=None, dtype=torch.float32, requires_grad=False):
+        super().__init__(int_data, scale, shape=shape, dtype=dtype)
+
+    @staticmethod
+    def __new__(cls, int_data: Tensor, scale: Tensor, *, shape=None, dtype=torch.float32, requires_grad=False):
+        shape = int_data.shape if shape is None else shape
+        return QuantTensor.__new__(cls, int_data, scale, shape=shape, dtype=dtype, requires_grad=requires_grad)
+
+    @classmethod
+    def from_float(cls, w: Tensor) -> Int8QTLinearWeight:
+        """Round-to-nearest (deterministic) quantization of a float ``w [N, K]``; outer dtype = w.dtype."""
+        check_weight(w, f"{cls.__name__}.from_float")
+        int_data, scale = quantize_rowwise_int8(w.detach())
+        return cls(int_data, scale, dtype=w.dtype)
+
+    @property
+    def row_len(self) -> int:
+        rows = self.scale.numel()
+        return self.int_data.numel() // rows if rows else (self.shape[-1] if self.dim() else 1)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The float weight, ``int_data * scale`` per row (fp32 math), in ``dtype`` (default: outer dtype)."""
+        rows = self.scale.numel()
+        flat = self.int_data.reshape(rows, -1) if rows else self.int_data.reshape(0, 1)
+        return (flat.float() * self.scale.view(-1, 1)).view(self.shape).to(dtype or self.dtype)
+
+    @torch.no_grad()
+    def requantize_(self, value: Tensor, stochastic: bool = True) -> Int8QTLinearWeight:
+        """Write float ``value`` (same shape) into this tensor, per row, with stochastic rounding."""
+        from quantframe.kernels.int8_rowwise import quantize_rowwise_int8 as kernel
+
+        if value.shape != self.shape:
+            raise ValueError(f"{type(self).__name__}: cannot copy a {tuple(value.shape)} tensor into {tuple(self.shape)}")
+        if self.numel() == 0:
+            return self
+        int_data, scale = kernel(value.reshape(self.scale.numel(), -1), stochastic=stochastic)
+        self.int_data.copy_(int_data.view(self.int_data.shape))
+        self.scale.copy_(scale)
+        return self
+
+    # FSDP2 extension: the all-gather moves int8 data + fp32 row scales, never a float weight.
+    #   fully_shard: weight --split/narrow/new_zeros (dim 0, rows)--> local shard (this class)
+    #   forward:     pre_all_gather -> (int_data, scale) --all-gather--> post_all_gather -> full weight
+    def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
+        world = mesh.size()
+        if outer_size is not None and outer_size[0] % world:
+            # FSDP2 pads uneven shards and requires every all-gather input to have the padded
+            # shape of the weight, which the [rows] scale cannot have.
+            raise ValueError(
+                f"{type(self).__name__}: FSDP2 needs out_features={outer_size[0]} divisible by the "
+                f"shard world size {world}; leave this layer out of quantize_ (filter_fn) or pad it"
+            )
+        return (self.int_data, self.scale), None
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        int_data, scale = outputs
+        if out is not None:  # later steps: FSDP2 refilled the storages `out` already views
+            return None
+        return Int8QTLinearWeight(int_data, scale, dtype=param_dtype), (int_data, scale)
+
+
+# ---- linear ----------------------------------------------------------------------------------
+class _Int8QTLinear(torch.autograd.Function):
+    """y = x @ dequant(W).T + b; dx = g @ dequant(W); dW = g.T @ x (dense, activation dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Int8QTLinearWeight, bias: Tensor | None):
+        from quantframe.kernels.int8_weight_mm import int8_weight_mm
+
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return int8_weight_mm(x, weight.int_data, weight.scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        from quantframe.kernels.int8_weight_mm import int8_weight_mm
+
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = int8_weight_mm(grad_out, weight.int_data, weight.scale, transpose=True)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = g2d.T @ x.reshape(-1, x.shape[-1]).to(g2d.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+@Int8QTLinearWeight.implements([F.linear])
+def _linear(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(w, Int8QTLinearWeight):
+        raise TypeError(f"F.linear: only the weight may be an Int8QTLinearWeight, got input {type(x).__name__}")
+    if w.dim() != 2 or w.scale.numel() != w.shape[0]:
+        raise ValueError(f"F.linear: Int8QTLinearWeight must be a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"F.linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+    devices = {t.device for t in (x, w, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"F.linear: input, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"F.linear: input must be floating point, got {x.dtype}")
+    return _Int8QTLinear.apply(x, w, bias)
+
+
+# ---- views and FSDP2 sharding: real views on row boundaries ---------------------------------
+def _row_span(w: Int8QTLinearWeight, start: int, length: int, op: str) -> tuple[int, int]:
+    """Element span [start, start+length) of the flat data as a row range, or a clear error."""
+    row = w.row_len
+    if start % row or length % row:
+        raise NotImplementedError(
+            f"Int8QTLinearWeight: {op} must select whole rows of {row} elements "
+            f"(got elements [{start}, {start + length})); per-row scales cannot be split"
+        )
+    return start // row, length // row
+
+
+def _rows_view(w: Int8QTLinearWeight, start: int, length: int, shape, op: str) -> Int8QTLinearWeight:
+    if not w.int_data.is_contiguous():
+        raise NotImplementedError(f"Int8QTLinearWeight: {op} of a non-contiguous tensor is not supported")
+    r0, nr = _row_span(w, start, length, op)
+    int_data = w.int_data.view(-1)[start : start + length].view(shape)
+    return Int8QTLinearWeight(int_data, w.scale[r0 : r0 + nr], dtype=w.dtype)
+
+
+@Int8QTLinearWeight.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
+def _view(func, types, args, kwargs):
+    w, size = args[0], args[1]
+    shape = w.int_data.view(-1).view(size).shape  # resolves -1, checks numel
+    return return_and_correct_aliasing(func, args, kwargs, _rows_view(w, 0, w.numel(), shape, "view"))
+
+
+@Int8QTLinearWeight.implements([aten.as_strided.default])
+def _as_strided(func, types, args, kwargs):
+    w, size, stride = args[0], args[1], args[2]
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
+    numel = math.prod(size)
+    if list(stride) != list(torch.empty(size, device="meta").stride()) or offset + numel > w.numel():
+        raise NotImplementedError(
+            f"Int8QTLinearWeight: as_strided supports contiguous row-aligned windows only, got "
+            f"size={list(size)} stride={list(stride)} offset={offset} on shape {list(w.shape)}"
+        )
+    return return_and_correct_aliasing(func, args, kwargs, _rows_view(w, offset, numel, size, "as_strided"))
+
+
+def _dim0_slice(w: Int8QTLinearWeight, start: int, end: int, op: str) -> Int8QTLinearWeight:
+    inner = math.prod(w.shape[1:])
+    start, end = max(0, min(start, w.shape[0])), max(0, min(end, w.shape[0]))
+    end = max(start, end)
+    return _rows_view(w, start * inner, (end - start) * inner, (end - start, *w.shape[1:]), op)
+
+
+@Int8QTLinearWeight.implements([aten.slice.Tensor])
+def _slice(func, types, args, kwargs):
+    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start") or 0
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    if dim != 0 or step != 1:
+        raise NotImplementedError(
+            f"Int8QTLinearWeight: slice supports dim 0 with step 1 (whole rows), got dim={dim}, step={step}"
+        )
+    end = w.shape[0] if end is None else end
+    return return_and_correct_aliasing(func, args, kwargs, _dim0_slice(w, start, end, "slice"))
+
+
+@Int8QTLinearWeight.implements([aten.split.Tensor])
+def _split(func, types, args, kwargs):
+    w, size = args[0], args[1]
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if dim != 0:
+        raise NotImplementedError(f"Int8QTLinearWeight: split supports dim 0 (rows), got dim={dim}")
+    return [_dim0_slice(w, s, s + size, "split") for s in range(0, w.shape[0], size)]
+
+
+@Int8QTLinearWeight.implements([aten.cat.default])
+def _cat(func, types, args, kwargs):
+    tensors, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if dim != 0 or not all(isinstance(t, Int8QTLinearWeight) for t in tensors):
+        raise NotImplementedError("Int8QTLinearWeight: cat supports Int8QTLinearWeights along dim 0 only")
+    int_data = torch.cat([t.int_data for t in tensors])
+    return Int8QTLinearWeight(int_data, torch.cat([t.scale for t in tensors]), dtype=tensors[0].dtype)
+
+
+@Int8QTLinearWeight.implements([aten.new_zeros.default])
+def _new_zeros(func, types, args, kwargs):
+    w, size = args[0], torch.Size(args[1])
+    row = w.row_len
+    if math.prod(size) % row:
+        raise NotImplementedError(f"Int8QTLinearWeight: new_zeros({list(size)}) is not whole rows of {row}")
+    int_data = torch.zeros(size, dtype=torch.int8, device=w.device)
+    scale = torch.full((math.prod(size) // row,), 1e-12, device=w.device)  # what from_float gives a zero row
+    return Int8QTLinearWeight(int_data, scale, dtype=kwargs.get("dtype") or w.dtype)
+
+
+# ---- ops that make plain tensors (optimizer state, out-of-place math) ------------------------
+@Int8QTLinearWeight.implements([aten.zeros_like.default, aten.empty_like.default, aten.ones_like.default])
+def _like(func, types, args, kwargs):
+    w = args[0]
+    kwargs = {**kwargs, "dtype": kwargs.get("dtype") or w.dtype, "device": kwargs.get("device") or w.device}
+    kwargs.pop("memory_format", None)
+    return func(torch.empty(w.shape, dtype=kwargs["dtype"], device=kwargs["device"]), *args[1:], **kwargs)
+
+
+# Out-of-place arithmetic dequantizes and returns a plain tensor: it is how optimizers read a
+# weight (e.g. `grad.add(param, alpha=weight_decay)`), and the result is not a weight.
+DEQUANTIZING_OPS = [
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
+    aten.neg.default, aten.sign.default, aten.abs.default,
+]  # fmt: skip
+
+
+def _unwrap(x):
+    return x.dequantize() if isinstance(x, Int8QTLinearWeight) else x
+
+
+@Int8QTLinearWeight.implements(DEQUANTIZING_OPS)
+def _dequantizing(func, types, args, kwargs):
+    return func(*map(_unwrap, args), **kwargs)
+
+
+# In-place math is the update path of torch's optimizers: dequantize, apply, requantize (SR).
+REQUANTIZING_INPLACE_OPS = [
+    aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor,
+    aten.addcdiv_.default, aten.addcmul_.default, aten.lerp_.Scalar, aten.lerp_.Tensor,
+]  # fmt: skip
+
+
+@Int8QTLinearWeight.implements(REQUANTIZING_INPLACE_OPS)
+def _inplace(func, types, args, kwargs):
+    w = args[0]
+    if not isinstance(w, Int8QTLinearWeight):
+        raise NotImplementedError(unsupported_op_message(Int8QTLinearWeight, func) + " (with a quantized operand)")
+    value = w.dequantize(torch.float32)
+    func(value, *map(_unwrap, args[1:]), **kwargs)
+    w.requantize_(value)
+    return w
+
+
+@Int8QTLinearWeight.implements([aten.copy_.default])
+def _copy(func, types, args, kwargs):
+    dst, src = args[0], args[1]
+    if isinstance(dst, Int8QTLinearWeight) and isinstance(src, Int8QTLinearWeight):
+        if dst.shape != src.shape:
+            raise ValueError(f"Int8QTLinearWeight.copy_: shape {tuple(src.shape)} != {tuple(dst.shape)}")
+        dst.int_data.copy_(src.int_data.view(dst.int_data.shape))
+        dst.scale.copy_(src.scale)
+    elif isinstance(dst, Int8QTLinearWeight):
+        dst.requantize_(src.to(dst.device))  # a float value written into a quantized weight: SR
+    else:
+        dst.copy_(src.dequantize(dst.dtype))
+    return dst
+
+
+# ---- collectives (DTensor.full_tensor, FSDP2) ------------------------------------------------
+@Int8QTLinearWeight.implements([c10d.all_gather_into_tensor.default])
+def _all_gather(func, types, args, kwargs):
+    w, rest = args[0], args[1:]
+    int_data = func(w.int_data.contiguous(), *rest, **kwargs)
+    scale = func(w.scale, *rest, **kwargs)
+    shape = (int_data.shape[0], *w.shape[1:]) if w.dim() else int_data.shape
+    return Int8QTLinearWeight(int_data.view(shape), scale, dtype=w.dtype)
+
+
+@Int8QTLinearWeight.implements([c10d.wait_tensor.default])
+def _wait(func, types, args, kwargs):
+    w = args[0]
+    return Int8QTLinearWeight(func(w.int_data), func(w.scale), shape=w.shape, dtype=w.dtype)
+
+
+@Int8QTLinearWeight.implements([c10d._wrap_tensor_autograd.default])
+def _wrap_autograd(func, types, args, kwargs):
+    return args[0]
+
+
+# ---- quantize_ handler and safe loading -------------------------------------------------------
+@register_quantize_handler(Int8WeightOnlyQuantizedTrainingConfig)
+def _quantize_module(module: nn.Module, config: Int8WeightOnlyQuantizedTrainingConfig) -> Tensor:
+    return Int8QTLinearWeight.from_float(module.weight)
+
+
+torch.serialization.add_safe_globals([Int8QTLinearWeight])

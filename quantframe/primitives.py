@@ -1,0 +1,157 @@
+"""Quantization numerics in plain PyTorch: the source of truth every kernel is tested against.
+
+Granularity of the scales for a 2-D tensor ``x [N, K]``:
+
+* ``"tensor"``  one scale for the whole tensor  -> ``scale [1, 1]``
+* ``"row"``     one scale per output row        -> ``scale [N, 1]``
+* ``g: int``    one scale per group of ``g`` consecutive elements of a row -> ``scale [N, K // g]``
+
+Symmetric quantization maps ``[-absmax, absmax]`` onto ``[-qmax, qmax]`` with
+``qmax = 2**(bits-1) - 1`` (127 for int8, *not* 127.5: the code -128 is never produced, so the
+grid is symmetric around zero and ``-q`` is always representable). Asymmetric quantization maps
+``[min, max]`` onto ``[0, 2**bits - 1]`` with an integer zero point.
+All math is fp32; scales are fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Granularity = Literal["tensor", "row"] | int
+
+__all__ = [
+    "qrange",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "quantize_rowwise_int8",
+    "dequantize_rowwise_int8",
+    "stochastic_round",
+    "fp32_to_bf16_stochastic",
+]
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer code range ``(qmin, qmax)`` for ``bits`` bits."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} must be in [1, 8]")
+    if symmetric:
+        if bits < 2:
+            raise ValueError("symmetric quantization needs bits >= 2")
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _groups(x: Tensor, granularity: Granularity) -> Tensor:
+    """View ``x [N, K]`` as ``[N, G, g]`` so that a reduction over dim -1 gives one value per group."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
+    n, k = x.shape
+    if granularity == "tensor":
+        return x.reshape(1, 1, n * k)
+    if granularity == "row":
+        return x.reshape(n, 1, k)
+    if isinstance(granularity, int) and not isinstance(granularity, bool) and granularity > 0:
+        if k % granularity:
+            raise ValueError(f"group_size={granularity} must divide the row length {k}")
+        return x.reshape(n, k // granularity, granularity)
+    raise ValueError(f"granularity={granularity!r}: expected 'tensor', 'row' or a positive group size")
+
+
+def _expand(s: Tensor, shape: torch.Size) -> Tensor:
+    """Broadcast a ``[N', G]`` scale / zero point back over ``[N, K]`` (N' is 1 or N)."""
+    n, k = shape
+    return s.repeat_interleave(k // s.shape[1], dim=1).expand(n, k)
+
+
+def choose_qparams(
+    x: Tensor,
+    bits: int = 8,
+    granularity: Granularity = "row",
+    symmetric: bool = True,
+    eps: float = 1e-12,
+) -> tuple[Tensor, Tensor | None]:
+    """Scale (fp32 ``[N', G]``) and zero point (int32, or None when symmetric) for ``x [N, K]``."""
+    qmin, qmax = qrange(bits, symmetric)
+    g = _groups(x.detach().float(), granularity)
+    if symmetric:
+        scale = g.abs().amax(dim=-1) / qmax
+        return scale.clamp_min(eps), None
+    lo = g.amin(dim=-1).clamp_max(0)  # the grid must contain 0 exactly (padding, ReLU zeros)
+    hi = g.amax(dim=-1).clamp_min(0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def stochastic_round(x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Unbiased stochastic rounding: ``floor(x + u)``, ``u ~ U[0, 1)``, so ``E[result] = x``.
+
+    ``x`` rounds up with probability ``x - floor(x)``. ``noise`` (same shape, values in [0, 1))
+    may be passed to make the result reproducible, e.g. to compare a kernel with this reference.
+    """
+    if noise is None:
+        noise = torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=generator)
+    return torch.floor(x.float() + noise)
+
+
+def quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None = None,
+    bits: int = 8,
+    stochastic: bool = False,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Integer codes of ``x [N, K]`` for the given scale/zero point; int8 (symmetric) or uint8 codes."""
+    symmetric = zero_point is None
+    qmin, qmax = qrange(bits, symmetric)
+    v = x.float() / _expand(scale, x.shape)
+    if not symmetric:
+        v = v + _expand(zero_point, x.shape).float()
+    v = stochastic_round(v, noise) if stochastic else torch.round(v)
+    return v.clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Float values of codes ``q [N, K]``: ``(q - zero_point) * scale``, computed in fp32."""
+    v = q.float()
+    if zero_point is not None:
+        v = v - _expand(zero_point, q.shape).float()
+    return (v * _expand(scale, q.shape)).to(dtype)
+
+
+def quantize_rowwise_int8(
+    w: Tensor, stochastic: bool = False, noise: Tensor | None = None, eps: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 as used by INT8 quantized training.
+
+    ``w [N, K]`` -> ``(int_data int8 [N, K] in [-127, 127], scale fp32 [N])`` with
+    ``scale = absmax(row) / 127``. An all-zero row gets ``scale = eps`` and codes 0.
+    """
+    scale, _ = choose_qparams(w, bits=8, granularity="row", symmetric=True, eps=eps)
+    return quantize(w, scale, bits=8, stochastic=stochastic, noise=noise), scale.view(-1)
+
+
+def dequantize_rowwise_int8(int_data: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``int_data [N, K] * scale [N]`` in fp32, cast to ``dtype``."""
+    return (int_data.float() * scale.float().view(-1, 1)).to(dtype)
+
+
+def fp32_to_bf16_stochastic(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 -> bf16 with unbiased stochastic rounding (exact, by bit manipulation).
+
+    A bf16 value is the top 16 bits of an fp32. Truncate, then round away with probability
+    equal to the dropped 16 bits / 2**16.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"fp32_to_bf16_stochastic expects float32, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    low = bits & 0xFFFF
+    trunc = bits & -65536  # 0xFFFF0000 as a signed int32
+    bits = torch.where(r < low, trunc + 0x10000, trunc)
+    return bits.view(torch.float32).to(torch.bfloat16)

@@ -1,0 +1,210 @@
+"""QuantTensor: the base of every quantized weight.
+
+A subclass lists its inner tensors (``tensor_names``) and its plain attributes (``attr_names``);
+from those the base derives ``__tensor_flatten__`` / ``__tensor_unflatten__`` (what
+torch.compile and FSDP2 use to see inside), ``__repr__`` and the helpers ops use to rebuild a
+tensor. Ops are listed per class in two tables, filled with ``@Cls.implements``:
+
+* aten ops (``torch.ops.aten.*``), read by ``__torch_dispatch__``;
+* torch functions (``F.linear``, ``torch.Tensor.to``...), read by ``__torch_function__``.
+
+An aten op that is not in the table raises ``NotImplementedError`` naming the class, the op and
+what is supported: a quantized tensor is never silently turned into a dense one. A torch
+function that is not in the table goes on to aten as usual (and so to the aten table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+aten = torch.ops.aten
+
+Handler = Callable[[Any, tuple, tuple, dict], Any]
+
+__all__ = ["QuantTensor", "unsupported_op_message"]
+
+
+def _op_name(op: Any) -> str:
+    if isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(op)
+    return f"{getattr(op, '__module__', '') or ''}.{getattr(op, '__qualname__', repr(op))}".lstrip(".")
+
+
+def unsupported_op_message(cls: type, op: Any) -> str:
+    supported = ", ".join(cls.supported_ops())
+    return f"{cls.__name__} does not support {_op_name(op)}; supported: {supported}"
+
+
+class QuantTensor(Tensor):
+    """Base class: a wrapper tensor whose logical value is ``self.dequantize()``.
+
+    Outer ``shape`` is the logical float shape; outer ``dtype`` is the dtype of its gradient
+    (the activation dtype); ``device`` is that of the inner tensors.
+    """
+
+    tensor_names: tuple[str, ...] = ()
+    attr_names: tuple[str, ...] = ()
+    _aten_table: dict[Any, Handler] = {}
+    _fn_table: dict[Any, Handler] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each class owns its tables; entries of QuantTensor parents are inherited and can be
+        # overridden (a child registering the same op wins).
+        cls._aten_table, cls._fn_table = {}, {}
+        for base in reversed(cls.__mro__[1:]):
+            if issubclass(base, QuantTensor):
+                cls._aten_table.update(base.__dict__.get("_aten_table", {}))
+                cls._fn_table.update(base.__dict__.get("_fn_table", {}))
+
+    @staticmethod
+    def __new__(cls, *tensors_and_attrs: Any, shape: torch.Size, dtype: torch.dtype, requires_grad: bool = False):
+        first = tensors_and_attrs[0]
+        return Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=first.device, requires_grad=requires_grad
+        )
+
+    def __init__(self, *tensors_and_attrs: Any, shape: torch.Size, dtype: torch.dtype, requires_grad: bool = False):
+        names = self.tensor_names + self.attr_names
+        if len(tensors_and_attrs) != len(names):
+            raise TypeError(f"{type(self).__name__} takes {names}, got {len(tensors_and_attrs)} values")
+        for name, value in zip(names, tensors_and_attrs):
+            setattr(self, name, value)
+
+    # ---- op tables -------------------------------------------------------------------------
+    @classmethod
+    def implements(cls, ops: Any | Iterable[Any]) -> Callable[[Handler], Handler]:
+        """Register ``fn(func, types, args, kwargs)`` for aten ops and/or torch functions."""
+        ops = list(ops) if isinstance(ops, (list, tuple)) else [ops]
+
+        def decorator(fn: Handler) -> Handler:
+            for op in ops:
+                is_aten = isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+                (cls._aten_table if is_aten else cls._fn_table)[op] = fn
+            return fn
+
+        return decorator
+
+    @classmethod
+    def supported_ops(cls) -> list[str]:
+        """Sorted names of every op in this class's tables (aten ops and torch functions)."""
+        return sorted({_op_name(op) for op in cls._aten_table} | {_op_name(op) for op in cls._fn_table})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._fn_table.get(func)
+        if handler is not None:
+            return handler(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = cls._aten_table.get(func) or cls._aten_table.get(func.overloadpacket)
+        if handler is None:
+            raise NotImplementedError(unsupported_op_message(cls, func))
+        return handler(func, types, args, kwargs)
+
+    # ---- the contract with torch.compile / FSDP2 -------------------------------------------
+    def __tensor_flatten__(self) -> tuple[list[str], dict[str, Any]]:
+        attrs = {name: getattr(self, name) for name in self.attr_names}
+        attrs["_outer_dtype"] = self.dtype
+        return list(self.tensor_names), attrs
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict[str, Tensor], attrs: dict[str, Any], outer_size, outer_stride):
+        attrs = dict(attrs)
+        dtype = attrs.pop("_outer_dtype")
+        values = [inner[n] for n in cls.tensor_names] + [attrs[n] for n in cls.attr_names]
+        return cls(*values, shape=outer_size, dtype=dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Key for torch.compile's AOT cache: class, metadata and inner-tensor layouts (no values)."""
+        inner = [(n, t.dtype, tuple(t.shape), t.stride(), t.device.type) for n, t in self._inner_tensors()]
+        key = (type(self).__qualname__, tuple(self.shape), self.dtype, self.requires_grad, inner,
+               [(n, repr(getattr(self, n))) for n in self.attr_names])  # fmt: skip
+        return hashlib.sha256(repr(key).encode()).hexdigest()
+
+    def _inner_tensors(self) -> list[tuple[str, Tensor]]:
+        return [(n, getattr(self, n)) for n in self.tensor_names]
+
+    def _rebuild(self, fn: Callable[[Tensor], Tensor] = lambda t: t, **overrides: Any):
+        """A new tensor of this class: ``fn`` applied to every inner tensor, outer fields overridable."""
+        values = [overrides.pop(n, None) if n in overrides else fn(getattr(self, n)) for n in self.tensor_names]
+        values += [overrides.pop(n) if n in overrides else getattr(self, n) for n in self.attr_names]
+        shape = overrides.pop("shape", self.shape)
+        dtype = overrides.pop("dtype", self.dtype)
+        if overrides:
+            raise TypeError(f"unknown fields {sorted(overrides)} for {type(self).__name__}")
+        return type(self)(*values, shape=shape, dtype=dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement dequantize()")
+
+    def _inner_repr(self) -> str:
+        parts = [f"{n}={t.dtype}{list(t.shape)}" for n, t in self._inner_tensors()]
+        parts += [f"{n}={getattr(self, n)!r}" for n in self.attr_names]
+        return ", ".join(parts)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        # Never touch values here: torch.compile reprs fake subclass inputs while tracing.
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return (
+            f"{type(self).__name__}(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "
+            f"{self._inner_repr()}{grad})"
+        )
+
+    @property
+    def nbytes_packed(self) -> int:
+        """Bytes held by the inner tensors (what the weight costs in memory)."""
+        return sum(t.numel() * t.element_size() for _, t in self._inner_tensors())
+
+
+# ---- ops every QuantTensor shares: they act on each inner tensor -----------------------------
+@QuantTensor.implements([aten.detach.default, aten.alias.default])
+def _detach(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._rebuild(func))
+
+
+@QuantTensor.implements([aten.clone.default])
+def _clone(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._rebuild(lambda t: t.clone()))
+
+
+@QuantTensor.implements([aten._to_copy.default])
+def _to_copy(func, types, args, kwargs):
+    """``.to(device)`` moves the inner tensors; ``.to(dtype)`` changes the outer (gradient) dtype."""
+    self = args[0]
+    extra = set(kwargs) - {"dtype", "device", "non_blocking", "layout", "memory_format"}
+    if extra:
+        raise NotImplementedError(f"{type(self).__name__}.to() does not support {sorted(extra)}")
+    dtype = kwargs.get("dtype") or self.dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"{type(self).__name__} can only have a floating outer dtype, got {dtype}")
+    device = kwargs.get("device")
+    return self._rebuild(lambda t: t.to(device=device, non_blocking=kwargs.get("non_blocking", False)), dtype=dtype)
+
+
+@QuantTensor.implements([aten.is_pinned.default])
+def _is_pinned(func, types, args, kwargs):
+    return all(t.is_pinned() for _, t in args[0]._inner_tensors())
+
+
+@QuantTensor.implements([aten._pin_memory.default])
+def _pin_memory(func, types, args, kwargs):
+    return args[0]._rebuild(lambda t: t.pin_memory())
+
+
+@QuantTensor.implements([torch._has_compatible_shallow_copy_type])
+def _compatible_shallow_copy(func, types, args, kwargs):
+    # nn.Module._apply asks this before `param.data = new`; a wrapper subclass cannot swap
+    # its data that way, so say no and let it swap the Parameter instead.
+    return False
