@@ -334,9 +334,10 @@ def _copy(func, types, args, kwargs):
 # ---- collectives (DTensor.full_tensor, FSDP2) ------------------------------------------------
 @Int8QTLinearWeight.implements([c10d.all_gather_into_tensor.default])
 def _all_gather(func, types, args, kwargs):
+    # Wait on the inner results here: the wrapper handed back is not an AsyncCollectiveTensor.
     w, rest = args[0], args[1:]
-    int_data = func(w.int_data.contiguous(), *rest, **kwargs)
-    scale = func(w.scale, *rest, **kwargs)
+    int_data = c10d.wait_tensor(func(w.int_data.contiguous(), *rest, **kwargs))
+    scale = c10d.wait_tensor(func(w.scale, *rest, **kwargs))
     shape = (int_data.shape[0], *w.shape[1:]) if w.dim() else int_data.shape
     return Int8QTLinearWeight(int_data.view(shape), scale, dtype=w.dtype)
 

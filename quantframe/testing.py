@@ -1,0 +1,121 @@
+"""The contract every QuantTensor subclass must keep, as a reusable pytest class.
+
+A scheme's test file subclasses :class:`QuantTensorContract`, says how to build its tensor and
+how accurate it must be, and pytest runs every check below for it::
+
+    class TestInt8QTContract(QuantTensorContract):
+        sqnr_floor = 40.0
+        def make(self, w):
+            return Int8QTLinearWeight.from_float(w)
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quantframe.tensor import QuantTensor
+
+__all__ = ["QuantTensorContract", "sqnr"]
+
+
+def sqnr(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).square().sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.square().sum() / noise))
+
+
+def _assert_same(a: QuantTensor, b: QuantTensor) -> None:
+    assert type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype
+    for (name, ta), (_, tb) in zip(a._inner_tensors(), b._inner_tensors()):
+        assert torch.equal(ta, tb), name
+
+
+class QuantTensorContract:
+    """Checks shared by every quantized weight. Subclasses set ``sqnr_floor`` and ``make``."""
+
+    sqnr_floor: float = 30.0
+    shape: tuple[int, int] = (32, 64)
+
+    def make(self, w: Tensor) -> QuantTensor:
+        raise NotImplementedError
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.randn(self.shape, dtype=dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_round_trip_above_sqnr_floor(self, dtype):
+        w = self.weight(dtype)
+        q = self.make(w)
+        assert q.shape == w.shape and q.dtype == dtype
+        assert sqnr(w.float(), q.dequantize().float()) >= self.sqnr_floor
+
+    def test_flatten_unflatten_round_trip(self):
+        q = self.make(self.weight())
+        names, attrs = q.__tensor_flatten__()
+        inner = {n: getattr(q, n) for n in names}
+        _assert_same(type(q).__tensor_unflatten__(inner, attrs, q.shape, q.stride()), q)
+
+    def test_deepcopy_is_independent(self):
+        q = self.make(self.weight())
+        c = copy.deepcopy(q)
+        _assert_same(c, q)
+        for (_, tq), (_, tc) in zip(q._inner_tensors(), c._inner_tensors()):
+            assert tq.data_ptr() != tc.data_ptr()
+
+    def test_state_dict_loads_with_weights_only(self):
+        lin = torch.nn.Linear(self.shape[1], self.shape[0])
+        lin.weight = torch.nn.Parameter(self.make(lin.weight.detach()), requires_grad=False)
+        buf = io.BytesIO()
+        torch.save(lin.state_dict(), buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        _assert_same(loaded["weight"], lin.weight.detach())
+        fresh = torch.nn.Linear(self.shape[1], self.shape[0])
+        fresh.weight = torch.nn.Parameter(self.make(fresh.weight.detach()), requires_grad=False)
+        fresh.load_state_dict(loaded)
+        torch.testing.assert_close(fresh.weight.dequantize(), lin.weight.dequantize())
+
+    def test_to_dtype_changes_outer_dtype_only(self):
+        q = self.make(self.weight())
+        b = q.to(torch.bfloat16)
+        assert type(b) is type(q) and b.dtype == torch.bfloat16
+        for (_, tq), (_, tb) in zip(q._inner_tensors(), b._inner_tensors()):
+            assert tb.dtype == tq.dtype
+        torch.testing.assert_close(b.dequantize(torch.float32), q.dequantize(torch.float32))
+        assert type(q.to("cpu")) is type(q)
+
+    def test_detach_and_clone_keep_the_class(self):
+        q = self.make(self.weight())
+        _assert_same(q.detach(), q)
+        _assert_same(q.clone(), q)
+
+    def test_row_slice_matches_dequantized_slice(self):
+        q = self.make(self.weight())
+        torch.testing.assert_close(q[2:10].dequantize(), q.dequantize()[2:10])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_linear_matches_dequantized(self, dtype):
+        q = self.make(self.weight(dtype))
+        x = torch.randn(3, 5, self.shape[1], dtype=dtype)
+        ref = F.linear(x.float(), q.dequantize(torch.float32)).to(dtype)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(F.linear(x, q), ref, atol=tol, rtol=tol)
+
+    def test_compile_fullgraph_matches_eager(self):
+        torch._dynamo.reset()
+        q = self.make(self.weight())
+        x = torch.randn(4, self.shape[1])
+        compiled = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True)
+        torch.testing.assert_close(compiled(x, q), F.linear(x, q))
+
+    def test_unsupported_op_raises_naming_class_and_op(self):
+        q = self.make(self.weight())
+        with pytest.raises(NotImplementedError, match=rf"{type(q).__name__} does not support aten\.cos\.default; supported: "):
+            torch.cos(q)

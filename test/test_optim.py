@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import quantframe
+from quantframe import Int8QTLinearWeight, int8_weight_only_quantized_training, quantize_
+from quantframe.optim import AdamW
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+
+
+def train(model, opt, steps=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(16, 32, generator=g) / 32**0.5  # a learnable target: y = teacher(x)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=g)
+        loss = (model(x) - x @ teacher.T).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_plain_params_match_torch_adamw(amsgrad, maximize):
+    a, b = mlp(), mlp()
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+    train(a, AdamW(a.parameters(), **kw))
+    train(b, torch.optim.AdamW(b.parameters(), foreach=False, **kw))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_params_are_requantized_once_per_step(monkeypatch):
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())
+    calls = []
+    original = Int8QTLinearWeight.requantize_
+    monkeypatch.setattr(Int8QTLinearWeight, "requantize_", lambda self, v, **kw: calls.append(1) or original(self, v, **kw))
+    train(m, AdamW(m.parameters(), lr=1e-2), steps=3)
+    assert len(calls) == 3 * 2  # two quantized weights, three steps
+
+
+def test_int8_training_follows_the_float_run():
+    ref = mlp()
+    q = copy.deepcopy(ref)
+    quantize_(q, int8_weight_only_quantized_training())
+    ref_losses = train(ref, AdamW(ref.parameters(), lr=3e-3), steps=60)
+    q_losses = train(q, AdamW(q.parameters(), lr=3e-3), steps=60)
+    assert q_losses[-1] < 0.5 * q_losses[0]
+    assert q_losses[-1] < 1.1 * ref_losses[-1]
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-3, foreach=False),
+        lambda p: torch.optim.AdamW(p, lr=3e-3, foreach=False),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=False),
+    ],
+    ids=["Adam", "AdamW", "SGD"],
+)
+def test_torch_optimizers_train_quantized_weights(make_opt):
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())
+    losses = train(m, make_opt(m.parameters()), steps=40)
+    assert isinstance(m[0].weight, Int8QTLinearWeight)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_small_updates_survive_only_with_stochastic_rounding():
+    # Updates of ~1/10 of a bf16 ulp: round-to-nearest drops them all, SR keeps them on average.
+    start = torch.full((4096,), 1.0, dtype=torch.bfloat16)
+    moved = {}
+    for sr in (False, True):
+        p = nn.Parameter(start.clone())
+        opt = AdamW([p], lr=1e-3 * 2**-7 / 10 / 1e-3, betas=(0.0, 0.0), weight_decay=0.0, bf16_stochastic_round=sr)
+        for _ in range(20):
+            p.grad = -torch.ones_like(p)  # Adam step = lr * sign(grad) when betas are 0
+            opt.step()
+        moved[sr] = (p.float() - 1.0).mean().item()
+    expected = 20 * 2**-7 / 10
+    assert moved[False] == 0.0
+    assert abs(moved[True] - expected) < 0.2 * expected
+
+
+def test_state_dict_round_trip_continues_identically():
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())
+    opt = AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, steps=3)
+    m2 = copy.deepcopy(m)
+    opt2 = AdamW(m2.parameters(), lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state_dict()["state"][0]["step"].item() == 3
+    torch.manual_seed(5)
+    a = train(m, opt, steps=2, seed=9)
+    torch.manual_seed(5)
+    b = train(m2, opt2, steps=2, seed=9)
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [(dict(lr=-1.0), "invalid learning rate -1.0"), (dict(betas=(1.0, 0.9)), "invalid betas"), (dict(eps=-1.0), "invalid eps"),
+     (dict(weight_decay=-0.1), "invalid weight_decay")],
+)
+def test_bad_hyperparameters_raise(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        AdamW(mlp().parameters(), **kw)
+
+
+def test_optim_is_exported():
+    assert quantframe.optim.AdamW is AdamW
