@@ -55,13 +55,17 @@ class QuantTensor(Tensor):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Each class owns its tables; entries of QuantTensor parents are inherited and can be
-        # overridden (a child registering the same op wins).
+        # Each class owns its tables; lookups walk the MRO, so a child inherits every entry of
+        # its parents (even ones registered after it was defined) and can override any of them.
         cls._aten_table, cls._fn_table = {}, {}
-        for base in reversed(cls.__mro__[1:]):
-            if issubclass(base, QuantTensor):
-                cls._aten_table.update(base.__dict__.get("_aten_table", {}))
-                cls._fn_table.update(base.__dict__.get("_fn_table", {}))
+
+    @classmethod
+    def _lookup(cls, table: str, op: Any) -> Handler | None:
+        for klass in cls.__mro__:
+            own = klass.__dict__.get(table)
+            if own is not None and op in own:
+                return own[op]
+        return None
 
     @staticmethod
     def __new__(cls, *tensors_and_attrs: Any, shape: torch.Size, dtype: torch.dtype, requires_grad: bool = False):
@@ -94,12 +98,13 @@ class QuantTensor(Tensor):
     @classmethod
     def supported_ops(cls) -> list[str]:
         """Sorted names of every op in this class's tables (aten ops and torch functions)."""
-        return sorted({_op_name(op) for op in cls._aten_table} | {_op_name(op) for op in cls._fn_table})
+        tables = [k.__dict__.get(t, {}) for k in cls.__mro__ for t in ("_aten_table", "_fn_table")]
+        return sorted({_op_name(op) for table in tables for op in table})
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = cls._fn_table.get(func)
+        handler = cls._lookup("_fn_table", func)
         if handler is not None:
             return handler(func, types, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
@@ -108,7 +113,7 @@ class QuantTensor(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = cls._aten_table.get(func) or cls._aten_table.get(func.overloadpacket)
+        handler = cls._lookup("_aten_table", func) or cls._lookup("_aten_table", func.overloadpacket)
         if handler is None:
             raise NotImplementedError(unsupported_op_message(cls, func))
         return handler(func, types, args, kwargs)
