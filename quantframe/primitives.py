@@ -77,25 +77,32 @@ def choose_qparams(
     """Scale (fp32 ``[N', G]``) and zero point (int32, or None when symmetric) for ``x [N, K]``."""
     qmin, qmax = qrange(bits, symmetric)
     g = _groups(x.detach().float(), granularity)
+    # Divide by a tensor, not a Python number: CUDA torch turns `t / 127` into `t * fp32(1/127)`,
+    # an ulp off for some values; tensor / tensor is IEEE division on CPU and CUDA alike.
     if symmetric:
-        scale = g.abs().amax(dim=-1) / qmax
-        return scale.clamp_min(eps), None
+        absmax = g.abs().amax(dim=-1)
+        return (absmax / torch.full_like(absmax, qmax)).clamp_min(eps), None
     lo = g.amin(dim=-1).clamp_max(0)  # the grid must contain 0 exactly (padding, ReLU zeros)
     hi = g.amax(dim=-1).clamp_min(0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    scale = ((hi - lo) / torch.full_like(hi, qmax - qmin)).clamp_min(eps)
     zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
 
 def stochastic_round(x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Unbiased stochastic rounding: ``floor(x + u)``, ``u ~ U[0, 1)``, so ``E[result] = x``.
+    """Unbiased stochastic rounding: ``floor(x) + [u < x - floor(x)]``, ``u ~ U[0, 1)``; ``E[result] = x``.
 
     ``x`` rounds up with probability ``x - floor(x)``. ``noise`` (same shape, values in [0, 1))
     may be passed to make the result reproducible, e.g. to compare a kernel with this reference.
     """
     if noise is None:
         noise = torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=generator)
-    return torch.floor(x.float() + noise)
+    # floor(x) + [u < frac(x)] rather than floor(x + u): the sum can round up to the next integer
+    # in fp32 when x is a whole number and u is within an ulp of 1; this form never leaves
+    # {floor, ceil}. frac(x) = x - floor(x) is exact in fp32.
+    x = x.float()
+    lo = torch.floor(x)
+    return lo + (noise < x - lo).float()
 
 
 def quantize(

@@ -56,10 +56,11 @@ def test_bad_granularity_and_group_size():
         P.choose_qparams(torch.randn(12))
 
 
-def test_stochastic_round_with_noise_is_floor_of_x_plus_noise():
-    x = torch.tensor([0.2, 0.2, -1.5, 3.0])
-    noise = torch.tensor([0.7, 0.9, 0.4, 0.999])
-    assert P.stochastic_round(x, noise).tolist() == [0.0, 1.0, -2.0, 3.0]
+def test_stochastic_round_goes_up_when_noise_is_below_the_fraction():
+    x = torch.tensor([0.2, 0.2, -1.5, -1.5, 127.0])
+    noise = torch.tensor([0.7, 0.1, 0.4, 0.6, 1.0 - 2.0**-24])
+    # 127 + (1 - 2**-24) would round to 128 in fp32; a whole number must stay put
+    assert P.stochastic_round(x, noise).tolist() == [0.0, 1.0, -1.0, -2.0, 127.0]
 
 
 def test_stochastic_round_is_unbiased():

@@ -1,0 +1,225 @@
+"""Matmul of float activations with a per-row INT8 weight, dequantized inside the kernel.
+
+``W = int_data [N, K] int8 * scale [N, 1]`` is never materialized in float: each int8 tile is
+converted in registers. Two layouts share one kernel (``TRANSPOSE`` flag):
+
+* ``transpose=False`` (linear forward):   ``x [..., K] @ W.T -> [..., N]`` (+ ``bias [N]``)
+* ``transpose=True``  (grad wrt input):   ``x [..., N] @ W   -> [..., K]``
+
+Accumulation is fp32 in both; the result is cast to ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import use_triton
+
+__all__ = ["int8_weight_mm", "int8_weight_mm_reference", "int8_weight_mm_triton"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> None:
+    """Raise TypeError / ValueError naming the bad argument, its value and what is allowed."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"int8_weight_mm: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    if int_data.dtype != torch.int8:
+        raise TypeError(f"int8_weight_mm: int_data.dtype={int_data.dtype}, expected torch.int8")
+    if not scale.is_floating_point():
+        raise TypeError(f"int8_weight_mm: scale.dtype={scale.dtype}, expected a float dtype")
+    if int_data.dim() != 2:
+        raise ValueError(f"int8_weight_mm: int_data must be 2-D [N, K], got shape {tuple(int_data.shape)}")
+    n, k = int_data.shape
+    if scale.shape != (n,):
+        raise ValueError(
+            f"int8_weight_mm: scale.shape={tuple(scale.shape)}, expected ({n},) for int_data [N={n}, K={k}]"
+        )
+    red = n if transpose else k
+    if x.dim() == 0 or x.shape[-1] != red:
+        raise ValueError(
+            f"int8_weight_mm: x.shape={tuple(x.shape)} must end in {'N' if transpose else 'K'}={red} "
+            f"for int_data [N={n}, K={k}] and transpose={transpose}"
+        )
+    if bias is not None:
+        if transpose:
+            raise ValueError("int8_weight_mm: bias must be None when transpose=True (grad wrt input has no bias)")
+        if not bias.is_floating_point():
+            raise TypeError(f"int8_weight_mm: bias.dtype={bias.dtype}, expected a float dtype")
+        if bias.shape != (n,):
+            raise ValueError(f"int8_weight_mm: bias.shape={tuple(bias.shape)}, expected ({n},)")
+    devices = {t.device for t in (x, int_data, scale, bias) if t is not None}
+    if len(devices) > 1:
+        got = sorted(map(str, devices))
+        raise ValueError(f"int8_weight_mm: x, int_data, scale and bias must share a device, got {got}")
+
+
+def int8_weight_mm_reference(
+    x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None = None, transpose: bool = False
+) -> Tensor:
+    """``x @ dequant(int_data, scale).T (+ bias)``, or ``x @ dequant(int_data, scale)`` if ``transpose``.
+
+    Args:
+        x: ``[..., K]`` (``[..., N]`` if ``transpose``) float32, float16 or bfloat16 activations.
+        int_data: ``[N, K]`` int8 weight codes (nn.Linear layout).
+        scale: ``[N]`` float per-row scale (float32 as produced by ``quantize_rowwise_int8``).
+        bias: ``[N]`` float or None; must be None if ``transpose``.
+        transpose: multiply by ``W`` instead of ``W.T`` (the input gradient of a linear).
+
+    Returns:
+        ``[..., N]`` (``[..., K]`` if ``transpose``) in ``x.dtype``, computed in fp32.
+
+    Raises:
+        TypeError: a wrong dtype (x not a 16/32-bit float, int_data not int8, scale/bias not float).
+        ValueError: mismatched shapes or devices, or a bias with ``transpose=True``.
+    """
+    _check_args(x, int_data, scale, bias, transpose)
+    w = int_data.float() * scale.float()[:, None]  # [N, K] fp32
+    y = x.float() @ (w if transpose else w.T)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _int8_weight_mm_kernel(
+    x_ptr,  # [M, R] float activations
+    w_ptr,  # int8 weight, read as a [R, N_OUT] matrix through the two strides below
+    s_ptr,  # [N] float scale: along N_OUT if not TRANSPOSE, along R if TRANSPOSE
+    b_ptr,  # [N_OUT] float bias (read only if HAS_BIAS)
+    y_ptr,  # [M, N_OUT] out, dtype of x
+    M,
+    N_OUT,
+    R,  # reduction length: K if not TRANSPOSE, N if TRANSPOSE
+    stride_xm,
+    stride_xr,
+    stride_wr,  # int_data stride along the reduction dim
+    stride_wo,  # int_data stride along the output dim
+    stride_ym,
+    stride_yo,
+    TRANSPOSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # int64 offsets: M * K or N * K can pass 2**31 elements.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N_OUT
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32: K-long sums in bf16 lose digits
+    for k0 in range(0, R, BLOCK_K):
+        rk = k0 + offs_k
+        mask_k = rk < R
+        # Masked lanes load 0, so ragged M, N and R edges add nothing to the sum.
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + rk[None, :] * stride_xr,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + rk[:, None] * stride_wr + offs_n[None, :] * stride_wo,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0,
+        ).to(tl.float32)
+        if TRANSPOSE:
+            # The scale runs along the reduction dim, so it must be applied before the dot.
+            s = tl.load(s_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+            b = b * s[:, None]
+        # Tiles go to fp32 because the interpreter's bf16 dot is wrong (numpy has no bf16). On GPU
+        # this costs nothing in accuracy: bf16/fp16 values and int8 codes are exact in tf32.
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision=DOT_PRECISION)
+
+    if not TRANSPOSE:
+        # The scale runs along the output columns: one multiply per output, not per weight.
+        s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yo,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernel instead of graph-breaking; in
+# eager mode (the CPU interpreter included) the op simply launches the kernel. Compiling it needs a
+# GPU: under TRITON_INTERPRET=1 fake tensors reach the interpreted kernel, which reads their storage.
+@triton_op("quantframe::int8_weight_mm", mutates_args=())
+def _int8_weight_mm_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> Tensor:
+    """2-D ``x [M, R]`` only; arguments already checked by :func:`int8_weight_mm_triton`."""
+    m = x.shape[0]
+    n, k = int_data.shape
+    n_out = k if transpose else n
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0 or n_out == 0:
+        return y
+    # Walk int_data as [R, N_OUT]: W.T for the forward, W itself for the input gradient.
+    stride_wr, stride_wo = (int_data.stride(0), int_data.stride(1)) if transpose else int_data.stride()[::-1]
+    block_m = max(16, min(64, triton.next_power_of_2(m)))  # tl.dot needs every block dim >= 16
+    block_n, block_k = 32, 32
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, block_n))
+    wrap_triton(_int8_weight_mm_kernel)[grid](
+        x,
+        int_data,
+        scale,
+        bias if bias is not None else scale,  # a dummy pointer when the kernel reads no bias
+        y,
+        m,
+        n_out,
+        x.shape[1],
+        x.stride(0),
+        x.stride(1),
+        stride_wr,
+        stride_wo,
+        y.stride(0),
+        y.stride(1),
+        TRANSPOSE=transpose,
+        HAS_BIAS=bias is not None,
+        # fp32 x needs full fp32 products; 16-bit x and int8 codes are exact in tf32.
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return y
+
+
+def int8_weight_mm_triton(
+    x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None = None, transpose: bool = False
+) -> Tensor:
+    """Triton version of :func:`int8_weight_mm_reference`: same arguments, result and errors."""
+    _check_args(x, int_data, scale, bias, transpose)
+    lead = x.shape[:-1]
+    y = torch.ops.quantframe.int8_weight_mm(
+        x.reshape(-1, x.shape[-1]),  # a view when it can be; the kernel takes any strides
+        int_data,
+        scale.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        transpose,
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
+def int8_weight_mm(
+    x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None = None, transpose: bool = False
+) -> Tensor:
+    """``x [..., K] @ (int_data [N, K] * scale [N, 1]).T (+ bias [N])``: Triton on CUDA, else reference.
+
+    With ``transpose=True``: ``x [..., N] @ (int_data * scale[:, None]) -> [..., K]``. See
+    :func:`int8_weight_mm_reference` for dtypes and errors.
+    """
+    if use_triton(x):
+        return int8_weight_mm_triton(x, int_data, scale, bias, transpose)
+    return int8_weight_mm_reference(x, int_data, scale, bias, transpose)
