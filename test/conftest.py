@@ -1,17 +1,19 @@
 """Shared pytest setup.
 
-TRITON_INTERPRET must be set before triton is imported (``@triton.jit`` reads it when a kernel
-is decorated): with it, the Triton kernels run on CPU tensors through the interpreter, which is
-how test/kernels checks them without a GPU. Package code never launches Triton on CPU tensors
-(see quantframe.kernels.use_triton), so the rest of the suite is unaffected.
+Without a GPU, TRITON_INTERPRET=1 is set before any kernel module is imported (``@triton.jit``
+reads it when a kernel is decorated): the Triton kernels then run on CPU tensors through the
+interpreter, which is how test/kernels checks them. Package code never launches Triton on CPU
+tensors (see quantframe.kernels.use_triton), so the rest of the suite is unaffected. On a GPU
+machine run `pytest -m gpu` (the CPU-tensor kernel tests need the interpreter).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
