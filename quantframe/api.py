@@ -64,12 +64,15 @@ def quantize_(
 
     Every module that ``filter_fn(module, fqn)`` selects (default: every ``nn.Linear``) gets its
     ``weight`` replaced by an ``nn.Parameter`` holding the quantized tensor, with the same
-    ``requires_grad``. Tied weights (one Parameter shared by several modules) stay tied. Modules
+    ``requires_grad``. Tied weights (one Parameter shared by several modules) stay tied: when
+    all holders are selected they share one quantized Parameter; when one is not (e.g. an
+    ``nn.Embedding`` tied to the output head), the weight is left dense and reported. Modules
     whose shape the scheme cannot take are skipped; one log line (logger ``"quantframe"``) says
     what was swapped and what was skipped and why, and :func:`summary` prints a table.
 
     Raises ``TypeError`` for a model that is not an ``nn.Module`` or a config with no registered
-    handler, ``ValueError`` when a selected module has no weight or is already quantized, and
+    handler, ``ValueError`` when a selected module has no weight, is already quantized or is
+    already sharded (call ``quantize_`` before ``fully_shard``), and
     whatever the scheme raises for a weight it cannot take (NaN, wrong dtype or rank).
 
     Example::
@@ -86,10 +89,17 @@ def quantize_(
         raise TypeError(f"quantize_: no handler for config {config!r}; registered configs: {known}")
     select = filter_fn or _default_filter
 
+    modules = list(model.named_modules())
+    selected = {fqn for fqn, module in modules if select(module, fqn)}
+    owners: dict[int, list[str]] = {}  # id(parameter) -> every "module.name" holding it
+    for fqn, module in modules:
+        for name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{fqn}.{name}" if fqn else name)
+
     swapped: dict[int, nn.Parameter] = {}  # id(old weight) -> new Parameter, keeps ties tied
     done, skipped = [], {}
-    for fqn, module in list(model.named_modules()):
-        if not select(module, fqn):
+    for fqn, module in modules:
+        if fqn not in selected:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
@@ -102,6 +112,15 @@ def quantize_(
                 f"quantize_: {fqn or '<root>'}.weight is already a {type(weight).__name__}; "
                 "quantize_ was already applied to this module"
             )
+        if _is_dtensor(weight):
+            raise ValueError(
+                f"quantize_: {fqn or '<root>'}.weight is a DTensor; call quantize_ before fully_shard"
+            )
+        me = f"{fqn}.weight" if fqn else "weight"
+        untied = [o for o in owners[id(weight)] if o != me and o.rsplit(".", 1)[0] not in selected]
+        if untied:
+            skipped[fqn] = f"weight is tied to {', '.join(untied)}, which is not selected; quantizing would untie them"
+            continue
         if id(weight) in swapped:
             module.weight = swapped[id(weight)]
             done.append(fqn)
@@ -126,6 +145,14 @@ def quantize_(
         len(skipped),
         "".join(f"\n  skipped {k}: {v}" for k, v in skipped.items()),
     )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _format_bytes(n: int) -> str:

@@ -316,6 +316,41 @@ def _inplace(func, types, args, kwargs):
     return w
 
 
+# torch's optimizers with foreach=True (their default for CUDA and DTensor params) send the
+# list form of the same math: apply it tensor by tensor, so each quantized one takes the path above.
+FOREACH_OPS = [
+    aten._foreach_add_.Scalar, aten._foreach_add_.List, aten._foreach_add_.Tensor, aten._foreach_add_.ScalarList,
+    aten._foreach_sub_.Scalar, aten._foreach_sub_.List, aten._foreach_sub_.ScalarList,
+    aten._foreach_mul_.Scalar, aten._foreach_mul_.List, aten._foreach_mul_.Tensor, aten._foreach_mul_.ScalarList,
+    aten._foreach_div_.Scalar, aten._foreach_div_.List, aten._foreach_div_.ScalarList,
+    aten._foreach_addcdiv_.Scalar, aten._foreach_addcdiv_.ScalarList, aten._foreach_addcdiv_.Tensor,
+    aten._foreach_addcmul_.Scalar, aten._foreach_addcmul_.ScalarList, aten._foreach_addcmul_.Tensor,
+    aten._foreach_lerp_.Scalar, aten._foreach_lerp_.List, aten._foreach_copy_.default,
+    aten._foreach_add.Scalar, aten._foreach_add.List, aten._foreach_mul.Scalar, aten._foreach_mul.List,
+    aten._foreach_sub.List, aten._foreach_neg.default,
+]  # fmt: skip
+
+
+@Int8QTLinearWeight.implements(FOREACH_OPS)
+def _foreach(func, types, args, kwargs):
+    name = func.overloadpacket.__name__.removeprefix("_foreach_")  # e.g. "addcdiv_"
+    tensors, rest = args[0], args[1:]
+    n = len(tensors)
+
+    def nth(a, i):
+        # A per-tensor list (or a list of scalars) gives its i-th entry; anything else is shared.
+        return a[i] if isinstance(a, (list, tuple)) and len(a) == n else a
+
+    out = []
+    for i, t in enumerate(tensors):
+        a, kw = [nth(x, i) for x in rest], {k: nth(v, i) for k, v in kwargs.items()}
+        if name in ("addcdiv_", "addcmul_") and len(a) == 3:  # per-tensor values, a list or a [n] tensor
+            value = a.pop()
+            kw["value"] = value[i].item() if isinstance(value, Tensor) else value
+        out.append(getattr(t, name)(*a, **kw))
+    return None if name.endswith("_") else out
+
+
 @Int8QTLinearWeight.implements([aten.copy_.default])
 def _copy(func, types, args, kwargs):
     dst, src = args[0], args[1]

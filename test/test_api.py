@@ -107,3 +107,27 @@ name      format              shape  bytes
 quantized: 244 B   dense parameters: 188 B
 skipped 2: in_features=7 is odd""",
     )
+
+
+def test_weight_tied_to_an_unselected_module_stays_dense_and_tied():
+    m = nn.ModuleDict({"emb": nn.Embedding(32, 16), "head": nn.Linear(16, 32, bias=False)})
+    m["head"].weight = m["emb"].weight
+    quantize_(m, int8_weight_only_quantized_training())
+    assert m["head"].weight is m["emb"].weight and type(m["head"].weight) is nn.Parameter
+    assert "skipped head: weight is tied to emb.weight, which is not selected" in summary(m)
+
+
+def test_quantize_after_fully_shard_raises():
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = nn.Linear(8, 8)
+        lin.weight = nn.Parameter(DTensor.from_local(lin.weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match="weight is a DTensor; call quantize_ before fully_shard"):
+            quantize_(nn.Sequential(lin), int8_weight_only_quantized_training())
+    finally:
+        dist.destroy_process_group()

@@ -120,3 +120,31 @@ def test_bad_hyperparameters_raise(kw, msg):
 
 def test_optim_is_exported():
     assert quantframe.optim.AdamW is AdamW
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.AdamW(p, lr=3e-3, foreach=True),
+        lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-3, foreach=True),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=True),
+    ],
+    ids=["AdamW", "Adam", "SGD"],
+)
+def test_torch_foreach_optimizers_match_their_per_tensor_form(make_opt):
+    # foreach=True is torch's default for CUDA and DTensor params: the list ops must act like the
+    # per-tensor ones (same math, one stochastic rounding per in-place op). The random draws come
+    # in another order (all mul_ first, then all addcdiv_), so the runs agree to SR noise only.
+    a = mlp()
+    quantize_(a, int8_weight_only_quantized_training())
+    b = copy.deepcopy(a)
+    opt_a = make_opt(a.parameters())
+    opt_b = make_opt(b.parameters())
+    for group in opt_b.param_groups:
+        group["foreach"] = False
+    torch.manual_seed(3)
+    la = train(a, opt_a, steps=30)
+    torch.manual_seed(3)
+    lb = train(b, opt_b, steps=30)
+    assert la[-1] < 0.6 * la[0]
+    assert la == pytest.approx(lb, rel=1e-2)
