@@ -11,6 +11,8 @@ Accumulation is fp32 in both; the result is cast to ``x.dtype``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -85,6 +87,29 @@ def int8_weight_mm_reference(
     return y.to(x.dtype)
 
 
+def _configs() -> list[triton.Config]:
+    """Autotune candidates for Hopper; the interpreter gets one small config (autotuning there
+    would run every candidate on the CPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in shapes
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Skip tiles far larger than the problem (decode-sized M gets the BLOCK_M=16 configs)."""
+    m = named_args["M"]
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    return small or configs
+
+
+@triton.autotune(configs=_configs(), key=["M", "N_OUT", "R", "TRANSPOSE", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _int8_weight_mm_kernel(
     x_ptr,  # [M, R] float activations
@@ -103,13 +128,23 @@ def _int8_weight_mm_kernel(
     stride_yo,
     TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # fp32 tiles (fp32 x, or the interpreter); else x's 16-bit dtype
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped tile order: GROUP_M row-tiles walk the same weight column-tiles together, so a
+    # weight tile is read from L2, not HBM, by the other programs of its group.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
     # int64 offsets: M * K or N * K can pass 2**31 elements.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -131,14 +166,19 @@ def _int8_weight_mm_kernel(
             w_ptr + rk[:, None] * stride_wr + offs_n[None, :] * stride_wo,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0,
-        ).to(tl.float32)
+        )
         if TRANSPOSE:
-            # The scale runs along the reduction dim, so it must be applied before the dot.
+            # The scale runs along the reduction dim, so it must be applied before the dot; the
+            # scaled weight is then rounded to x's dtype, as a dense bf16 matmul would have it.
             s = tl.load(s_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
-            b = b * s[:, None]
-        # Tiles go to fp32 because the interpreter's bf16 dot is wrong (numpy has no bf16). On GPU
-        # this costs nothing in accuracy: bf16/fp16 values and int8 codes are exact in tf32.
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision=DOT_PRECISION)
+            b = b.to(tl.float32) * s[:, None]
+        if DOT_FP32:
+            # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16).
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            # 16-bit tensor cores: int8 codes are exact in bf16/fp16, so without TRANSPOSE the
+            # products are exact and the fp32 sum matches the reference to rounding.
+            acc = tl.dot(a, b.to(a.dtype), acc)
 
     if not TRANSPOSE:
         # The scale runs along the output columns: one multiply per output, not per weight.
@@ -167,9 +207,10 @@ def _int8_weight_mm_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor 
         return y
     # Walk int_data as [R, N_OUT]: W.T for the forward, W itself for the input gradient.
     stride_wr, stride_wo = (int_data.stride(0), int_data.stride(1)) if transpose else int_data.stride()[::-1]
-    block_m = max(16, min(64, triton.next_power_of_2(m)))  # tl.dot needs every block dim >= 16
-    block_n, block_k = 32, 32
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, block_n))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
     wrap_triton(_int8_weight_mm_kernel)[grid](
         x,
         int_data,
@@ -187,11 +228,7 @@ def _int8_weight_mm_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor 
         y.stride(1),
         TRANSPOSE=transpose,
         HAS_BIAS=bias is not None,
-        # fp32 x needs full fp32 products; 16-bit x and int8 codes are exact in tf32.
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
     )
     return y
 
