@@ -91,29 +91,31 @@ def _configs() -> list[triton.Config]:
     """Autotune candidates for Hopper; the interpreter gets one small config (autotuning there
     would run every candidate on the CPU)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
+        return [triton.Config({"BLOCK_O": 32, "BLOCK_M": 32, "BLOCK_K": 32, "GROUP_O": 4}, num_warps=4)]
+    shapes = [  # (BLOCK_O, BLOCK_M, BLOCK_K, num_warps, num_stages); measured best at 8192x2048x5632: 128x256x64/8/3
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (128, 32, 128, 4, 3),
     ]  # fmt: skip
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
-        for m, n, k, w, st in shapes
+        triton.Config({"BLOCK_O": o, "BLOCK_M": m, "BLOCK_K": k, "GROUP_O": 8}, num_warps=w, num_stages=st)
+        for o, m, k, w, st in shapes
     ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Skip tiles far larger than the problem (decode-sized M gets the BLOCK_M=16 configs)."""
+    """Skip token tiles far larger than the problem (decode-sized M gets the BLOCK_M=16/32 configs)."""
     m = named_args["M"]
     small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
     return small or configs
 
 
-@triton.autotune(configs=_configs(), key=["M", "N_OUT", "R", "TRANSPOSE", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(), key=["M", "N_OUT", "R", "TRANSPOSE", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _int8_weight_mm_kernel(
     x_ptr,  # [M, R] float activations
-    w_ptr,  # int8 weight, read as a [R, N_OUT] matrix through the two strides below
+    w_ptr,  # int8 weight, read as an [N_OUT, R] matrix through the two strides below
     s_ptr,  # [N] float scale: along N_OUT if not TRANSPOSE, along R if TRANSPOSE
     b_ptr,  # [N_OUT] float bias (read only if HAS_BIAS)
     y_ptr,  # [M, N_OUT] out, dtype of x
@@ -129,67 +131,71 @@ def _int8_weight_mm_kernel(
     TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # fp32 tiles (fp32 x, or the interpreter); else x's 16-bit dtype
+    BLOCK_O: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_O: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles walk the same weight column-tiles together, so a
-    # weight tile is read from L2, not HBM, by the other programs of its group.
+    # Computes y.T [N_OUT, M] = W' [N_OUT, R] @ x.T [R, M], W' = W (TRANSPOSE: W.T). The int8 weight
+    # is the dot's *first* operand: converted in registers it can feed Hopper's wgmma directly (A may
+    # come from registers, B must come from shared memory), instead of a round trip through shared
+    # memory. Measured on H100 at 8192x2048x5632 bf16: 0.38 ms vs 0.43 ms with x first.
+    # Grouped tile order: GROUP_O weight-tiles walk the token tiles together, so an x tile is read
+    # from L2, not HBM, by the other programs of its group.
     pid = tl.program_id(0)
+    num_o = tl.cdiv(N_OUT, BLOCK_O)
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N_OUT, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    group = pid // (GROUP_O * num_m)
+    first_o = group * GROUP_O
+    size_o = tl.minimum(num_o - first_o, GROUP_O)
+    pid_o = first_o + (pid % (GROUP_O * num_m)) % size_o
+    pid_m = (pid % (GROUP_O * num_m)) // size_o
 
     # int64 offsets: M * K or N * K can pass 2**31 elements.
+    offs_o = (pid_o * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_o = offs_o < N_OUT
     mask_m = offs_m < M
-    mask_n = offs_n < N_OUT
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32: K-long sums in bf16 lose digits
+    acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)  # fp32: K-long sums in bf16 lose digits
     for k0 in range(0, R, BLOCK_K):
         rk = k0 + offs_k
         mask_k = rk < R
         # Masked lanes load 0, so ragged M, N and R edges add nothing to the sum.
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + rk[None, :] * stride_xr,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + rk[:, None] * stride_wr + offs_n[None, :] * stride_wo,
-            mask=mask_k[:, None] & mask_n[None, :],
+        w = tl.load(
+            w_ptr + offs_o[:, None] * stride_wo + rk[None, :] * stride_wr,
+            mask=mask_o[:, None] & mask_k[None, :],
             other=0,
+        )
+        xt = tl.load(
+            x_ptr + rk[:, None] * stride_xr + offs_m[None, :] * stride_xm,
+            mask=mask_k[:, None] & mask_m[None, :],
+            other=0.0,
         )
         if TRANSPOSE:
             # The scale runs along the reduction dim, so it must be applied before the dot; the
             # scaled weight is then rounded to x's dtype, as a dense bf16 matmul would have it.
             s = tl.load(s_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
-            b = b.to(tl.float32) * s[:, None]
+            w = w.to(tl.float32) * s[None, :]
         if DOT_FP32:
             # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16).
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
             # 16-bit tensor cores: int8 codes are exact in bf16/fp16, so without TRANSPOSE the
             # products are exact and the fp32 sum matches the reference to rounding.
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
 
     if not TRANSPOSE:
-        # The scale runs along the output columns: one multiply per output, not per weight.
-        s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * s[None, :]
+        # The scale runs along the output features: one multiply per output, not per weight.
+        s = tl.load(s_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None]
     tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yo,
+        y_ptr + offs_m[None, :] * stride_ym + offs_o[:, None] * stride_yo,
         acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
+        mask=mask_o[:, None] & mask_m[None, :],
     )
 
 
@@ -205,11 +211,11 @@ def _int8_weight_mm_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor 
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return y
-    # Walk int_data as [R, N_OUT]: W.T for the forward, W itself for the input gradient.
+    # Walk int_data as [N_OUT, R]: W for the forward, W.T for the input gradient.
     stride_wr, stride_wo = (int_data.stride(0), int_data.stride(1)) if transpose else int_data.stride()[::-1]
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_O"]),)
 
     wrap_triton(_int8_weight_mm_kernel)[grid](
         x,
