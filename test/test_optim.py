@@ -40,13 +40,20 @@ def test_plain_params_match_torch_adamw(amsgrad, maximize):
 
 
 def test_quantized_params_are_requantized_once_per_step(monkeypatch):
+    # Int8 weights take the fused step (quantframe.kernels.adamw_step: dequantize, fp32 AdamW,
+    # stochastic-rounding requantize, all in one pass): one call per weight and step.
+    from quantframe.kernels import adamw_step as fused
+
     m = mlp()
     quantize_(m, int8_weight_only_quantized_training())
-    calls = []
-    original = Int8QTLinearWeight.requantize_
-    monkeypatch.setattr(Int8QTLinearWeight, "requantize_", lambda self, v, **kw: calls.append(1) or original(self, v, **kw))
+    calls, requantized = [], []
+    kernel, requantize = fused.adamw_step, Int8QTLinearWeight.requantize_
+    monkeypatch.setattr(fused, "adamw_step", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(Int8QTLinearWeight, "requantize_", lambda w, v, **kw: requantized.append(1) or requantize(w, v, **kw))
     train(m, AdamW(m.parameters(), lr=1e-2), steps=3)
-    assert len(calls) == 3 * 2  # two quantized weights, three steps
+    assert len(calls) == 3 * 2 and requantized == []  # two quantized weights, three steps
+    train(m, AdamW(m.parameters(), lr=1e-2, amsgrad=True), steps=3)  # unfused: one requantize_ each
+    assert len(calls) == 3 * 2 and len(requantized) == 3 * 2
 
 
 def test_int8_training_follows_the_float_run():

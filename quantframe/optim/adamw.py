@@ -1,4 +1,12 @@
-"""AdamW that updates quantized weights with one dequantize and one requantize per step."""
+"""AdamW that updates quantized weights with one dequantize and one requantize per step, and
+AdamW8bit, the same optimizer with 8-bit moments (2 bytes of state per parameter instead of 8).
+
+A per-row int8 weight (``Int8QTLinearWeight``) takes the fused step of
+``quantframe.kernels.adamw_step``: one pass per row reads int8 + grad + moments and writes int8 +
+moments (Triton on CUDA; on CPU its reference: one dequantize, fp32 math, one requantize).
+Everything else, and the cases the kernel does not cover (amsgrad, 8-bit moments of rows whose
+length is not a multiple of 256), takes the unfused fp32 path below.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +15,59 @@ import math
 import torch
 from torch import Tensor
 
+from quantframe.optim.state8bit import BLOCK_SIZE, OptimState8bit
 from quantframe.primitives import fp32_to_bf16_stochastic
 from quantframe.tensor import QuantTensor
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "AdamW8bit"]
 
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameter or state), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fp32(state: Tensor) -> Tensor:
+    """An fp32 working copy of a moment: the state itself (fp32, updated in place) or its value (8-bit)."""
+    return state.dequantize(torch.float32) if isinstance(state, QuantTensor) else state
+
+
+def _write_back(state: Tensor, value: Tensor) -> None:
+    if value is not state:
+        state.copy_(value)  # an 8-bit state: its one re-quantization of the step
+
+
+def _rowwise_int8(param: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(int_data [rows, row_len], scale [rows])`` of a weight the fused step can update in place, else None.
+
+    The contract (Int8QTLinearWeight's layout; optim/ may not import schemes): a QuantTensor whose
+    inner tensors are exactly ``int_data``, int8 codes in [-127, 127], and ``scale``, fp32
+    ``absmax / 127`` of each run of ``row_len`` contiguous codes.
+    """
+    if not isinstance(param, QuantTensor) or param.tensor_names != ("int_data", "scale"):
+        return None
+    q, s = param.int_data, param.scale
+    rows = s.numel()
+    if q.dtype != torch.int8 or s.dtype != torch.float32 or s.dim() != 1 or rows == 0 or q.numel() % rows:
+        return None
+    if not (q.is_contiguous() and s.is_contiguous()):
+        return None
+    return q.view(rows, -1), s
+
+
+def _fused_states(exp_avg: Tensor, exp_avg_sq: Tensor, rows: int, k: int) -> tuple[list[Tensor], dict] | None:
+    """The moments as ``adamw_step`` takes them (``[rows, k]`` views + 8-bit parts), or None."""
+    pair = (exp_avg, exp_avg_sq)
+    if all(isinstance(s, OptimState8bit) for s in pair):
+        # a row must hold whole state blocks, so that one kernel program re-quantizes them alone
+        if k % BLOCK_SIZE or not all(s.numel() == rows * k and s.codes.is_contiguous() for s in pair):
+            return None
+        parts = dict(exp_avg_scale=exp_avg.scale, exp_avg_sq_scale=exp_avg_sq.scale,
+                     exp_avg_qmap=exp_avg.qmap, exp_avg_sq_qmap=exp_avg_sq.qmap)  # fmt: skip
+        return [s.codes.view(rows, k) for s in pair], parts
+    if all(not isinstance(s, QuantTensor) and s.dtype == torch.float32 and s.is_contiguous() for s in pair):
+        return ([s.view(rows, k) for s in pair], {}) if exp_avg.numel() == rows * k else None
+    return None
 
 
 class AdamW(torch.optim.Optimizer):
@@ -27,7 +79,8 @@ class AdamW(torch.optim.Optimizer):
     requantize after each of its in-place ops. With ``bf16_stochastic_round=True``, bf16
     parameters are written back with stochastic rounding too (pure-bf16 training without an
     fp32 master copy). Works on FSDP2 (DTensor) parameters: rows are whole on each shard, so
-    the per-shard update equals the unsharded one.
+    the per-shard update equals the unsharded one; the moments are DTensors sharded like their
+    parameter.
 
     Example::
 
@@ -61,12 +114,25 @@ class AdamW(torch.optim.Optimizer):
         )  # fmt: skip
         super().__init__(params, defaults)
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
-        zeros = lambda: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)  # noqa: E731
-        state = {"step": torch.tensor(0.0), "exp_avg": zeros(), "exp_avg_sq": zeros()}
-        if amsgrad:
-            state["max_exp_avg_sq"] = zeros()
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = {"step": torch.tensor(0.0), "exp_avg": self._zeros(p, group, signed=True),
+                 "exp_avg_sq": self._zeros(p, group, signed=False)}  # fmt: skip
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = self._zeros(p, group, signed=False)
         return state
+
+    def _zeros(self, p: Tensor, group: dict, signed: bool) -> Tensor:
+        """A zero moment for ``p``: fp32, shaped (and, for a DTensor, sharded) like ``p``."""
+        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch.optim casts each floating state to its parameter's dtype (bf16 for a bf16 model);
+        # the moments here stay fp32 (an 8-bit state only changes its outer dtype back).
+        for state in self.state.values():
+            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if name in state and state[name].dtype != torch.float32:
+                    state[name] = state[name].float()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,7 +148,7 @@ class AdamW(torch.optim.Optimizer):
                     raise TypeError("AdamW does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state.update(self._init_state(p, group["amsgrad"]))
+                    state.update(self._init_state(p, group))
                 self._update(p, state, group)
         return loss
 
@@ -93,6 +159,10 @@ class AdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
         state["step"] += 1
         step = state["step"].item()
+        bias_c1 = 1 - beta1**step
+        bias_c2 = 1 - beta2**step
+        if not group["amsgrad"] and self._fused_step(param, grad, exp_avg, exp_avg_sq, group, bias_c1, bias_c2):
+            return
 
         quantized = isinstance(param, QuantTensor)
         # fp32 working copy: dequantize once (quantized), upcast (bf16/fp16), or in place (fp32)
@@ -100,19 +170,21 @@ class AdamW(torch.optim.Optimizer):
         g = grad.float()
         if group["maximize"]:
             g = -g
+        m, v = _fp32(exp_avg), _fp32(exp_avg_sq)
 
         p32.mul_(1 - lr * wd)
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        second = exp_avg_sq
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        second = v
         if group["amsgrad"]:
             max_sq = _local(state["max_exp_avg_sq"])
-            torch.maximum(max_sq, exp_avg_sq, out=max_sq)
-            second = max_sq
-        bias_c1 = 1 - beta1**step
-        bias_c2 = 1 - beta2**step
+            second = _fp32(max_sq)
+            torch.maximum(second, v, out=second)
+            _write_back(max_sq, second)
+        _write_back(exp_avg, m)
+        _write_back(exp_avg_sq, v)
         denom = (second.sqrt() / math.sqrt(bias_c2)).add_(eps)
-        p32.addcdiv_(exp_avg, denom, value=-lr / bias_c1)
+        p32.addcdiv_(m, denom, value=-lr / bias_c1)  # the fp32 moments, not their 8-bit images
 
         if quantized:
             param.requantize_(p32)  # the single stochastic-rounding requantization of this step
@@ -121,3 +193,67 @@ class AdamW(torch.optim.Optimizer):
                 param.copy_(fp32_to_bf16_stochastic(p32))
             else:
                 param.copy_(p32)
+
+    @staticmethod
+    def _fused_step(param, grad, exp_avg, exp_avg_sq, group: dict, bias_c1: float, bias_c2: float) -> bool:
+        """The fused kernel's step for a per-row int8 weight; False (nothing done) where it does not apply."""
+        rowwise = _rowwise_int8(param)
+        if rowwise is None:
+            return False
+        int_data, scale = rowwise
+        states = _fused_states(exp_avg, exp_avg_sq, *int_data.shape)
+        if states is None:
+            return False
+        from quantframe.kernels.adamw_step import adamw_step  # lazy: `import quantframe` stays triton-free
+
+        (m, v), parts = states
+        beta1, beta2 = group["betas"]
+        adamw_step(
+            int_data, scale, grad.reshape(int_data.shape), m, v,
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            bias_correction1=bias_c1, bias_correction2=bias_c2, maximize=group["maximize"], **parts,
+        )  # fmt: skip
+        return True
+
+
+class AdamW8bit(AdamW):
+    """:class:`AdamW` whose moments are 8-bit :class:`~quantframe.optim.OptimState8bit` tensors.
+
+    ``exp_avg`` (signed map) and ``exp_avg_sq`` (unsigned map) are stored as uint8 codes with an
+    fp32 absmax per block of 256 elements: ~2 bytes of state per parameter instead of 8. The math
+    stays fp32; each moment is re-quantized once per step. Parameters with fewer than
+    ``min_8bit_size`` elements keep fp32 moments (their memory is negligible and small tensors are
+    the sensitive ones: biases, norms). The size is the parameter's *global* numel, so a model
+    gets the same states sharded (FSDP2) or not (unlike pytorch/ao#4912, which decides on the
+    local shard). With INT8 weights (``int8_weight_only_quantized_training``) that is 1 byte of
+    weight + 2 bytes of state per parameter.
+
+    Example::
+
+        quantize_(model, int8_weight_only_quantized_training())
+        opt = AdamW8bit(model.parameters(), lr=1e-3)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 bf16_stochastic_round: bool = False, min_8bit_size: int = 4096):  # fmt: skip
+        if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
+            raise ValueError(f"AdamW8bit: invalid min_8bit_size {min_8bit_size!r}; expected an int >= 0")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         bf16_stochastic_round=bf16_stochastic_round)  # fmt: skip
+        self.defaults["min_8bit_size"] = min_8bit_size  # for groups added later (add_param_group)
+        for group in self.param_groups:
+            group.setdefault("min_8bit_size", min_8bit_size)
+
+    def _zeros(self, p: Tensor, group: dict, signed: bool) -> Tensor:
+        min_size = group.get("min_8bit_size", self.defaults["min_8bit_size"])  # absent in an AdamW state_dict
+        if p.numel() < min_size:  # a DTensor's numel is global: the same choice on every shard
+            return super()._zeros(p, group, signed)
+        local = _local(p)
+        state = OptimState8bit.zeros(local.shape, signed, device=local.device)
+        if local is not p:  # shard the state like the parameter, so state_dict / DCP see sharded states
+            from torch.distributed.tensor import DTensor
+
+            state = DTensor.from_local(state, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())  # fmt: skip
+        return state

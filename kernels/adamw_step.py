@@ -1,0 +1,345 @@
+"""The whole AdamW step of a per-row INT8 weight in one pass per row.
+
+For ``W = int_data [N, K] int8 * scale [N, 1]`` (INT8 quantized training) one program owns one
+row: it reads the int8 row, its scale, the gradient and both moments; does the AdamW math in fp32;
+re-quantizes the row with stochastic rounding under a new per-row scale (absmax / 127); writes
+int8, scale and moments back in place. Per element that reads int8 + grad + states and writes
+int8 + states once, instead of the dequantize / ~6 elementwise ops / requantize round trips of
+the unfused step.
+
+The moments are fp32 ``[N, K]`` tensors, or 8-bit ``OptimState8bit`` parts (``STATE_8BIT``):
+uint8 codes ``[N, K]``, fp32 absmax per block of 256 consecutive elements ``[N * K / 256]`` and
+the 256-entry code map. Then ``K % 256 == 0`` is required, so that a row holds whole blocks and
+one program re-quantizes them alone (rows of 2048, 4096, 5632... qualify); otherwise the caller
+takes the unfused path. The new state value is quantized to the nearest code (binary search over
+the 255 midpoints, a tie to the lower code), and the weight update uses the fp32 moments, not
+their 8-bit images. Nothing is computed outside the kernel: a step is one launch per weight.
+
+The new row scale needs the updated row's absmax before any code can be written. A row of up to
+``_MAX_BLOCK_K`` elements is held in registers (one pass); a longer row takes two passes and
+computes the update twice (pass 1: absmax only; pass 2: update and write). Pass 2 re-reads
+int8 + grad + moments (5-13 bytes per element). Keeping pass 1's result instead cannot avoid
+that: the moments must be recomputed (or stored: 8 more bytes written and read) either way, and
+storing the fp32 weight costs 4 bytes written + 4 read, more than the 1 byte of int8 it saves,
+plus an ``[N, K]`` fp32 buffer. The recomputed math is free next to the memory traffic.
+
+``adamw_step_reference`` equals the kernel bit for bit on the interpreter given the same noise
+(same fp32 ops in the same order, IEEE division and square root); on a GPU, FMA contraction can move
+a result by an ulp, which flips a rounding decision once in a while.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import use_triton
+from .int8_rowwise import quantize_rowwise_int8_reference
+
+__all__ = ["adamw_step", "adamw_step_reference", "adamw_step_triton"]
+
+STATE_BLOCK = 256  # elements per 8-bit state block (quantframe.optim.state8bit.BLOCK_SIZE)
+_MAX_BLOCK_K = 4096  # rows up to this length are updated in one pass, longer ones in two
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(int_data, scale, grad, exp_avg, exp_avg_sq, states8, noise, bias_corrections) -> bool:
+    """Raise TypeError / ValueError naming the bad argument; True for 8-bit states."""
+    if int_data.dtype != torch.int8 or int_data.dim() != 2:
+        raise TypeError(f"adamw_step: int_data must be 2-D int8 [N, K], got {int_data.dtype} {tuple(int_data.shape)}")
+    n, k = int_data.shape
+    if scale.dtype != torch.float32 or scale.shape != (n,):
+        raise ValueError(f"adamw_step: scale must be float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    if grad.dtype not in _FLOAT_DTYPES or grad.shape != (n, k):
+        raise ValueError(f"adamw_step: grad must be float [{n}, {k}], got {grad.dtype} {tuple(grad.shape)}")
+    if {exp_avg.dtype, exp_avg_sq.dtype} not in ({torch.float32}, {torch.uint8}):
+        raise TypeError(
+            f"adamw_step: exp_avg and exp_avg_sq must both be float32 or both uint8 codes, got "
+            f"{exp_avg.dtype} and {exp_avg_sq.dtype}"
+        )
+    if exp_avg.shape != (n, k) or exp_avg_sq.shape != (n, k):
+        got = f"{tuple(exp_avg.shape)}, {tuple(exp_avg_sq.shape)}"
+        raise ValueError(f"adamw_step: states must be [{n}, {k}], got {got}")
+    is_8bit = exp_avg.dtype == torch.uint8
+    if is_8bit:
+        if k % STATE_BLOCK:
+            raise ValueError(
+                f"adamw_step: 8-bit states need K={k} to be a multiple of {STATE_BLOCK} (whole state blocks per row)"
+            )
+        for name, t, shape in zip(("exp_avg_scale", "exp_avg_sq_scale", "exp_avg_qmap", "exp_avg_sq_qmap"),
+                                  states8, [(n * k // STATE_BLOCK,)] * 2 + [(256,)] * 2):  # fmt: skip
+            if t is None or t.dtype != torch.float32 or t.shape != shape:
+                got = "None" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"adamw_step: 8-bit states need {name} float32 {list(shape)}, got {got}")
+    elif any(t is not None for t in states8):
+        raise ValueError("adamw_step: state scales and qmaps are only for uint8 (8-bit) states")
+    mutated = [int_data, scale, exp_avg, exp_avg_sq] + ([states8[0], states8[1]] if is_8bit else [])
+    if not all(t.is_contiguous() for t in mutated):
+        raise ValueError("adamw_step: int_data, scale and the states are written in place and must be contiguous")
+    if noise is not None and (noise.dtype != torch.float32 or noise.shape != (n, k)):
+        raise ValueError(f"adamw_step: noise must be float32 [{n}, {k}], got {noise.dtype} {tuple(noise.shape)}")
+    devices = {t.device for t in [int_data, scale, grad, exp_avg, exp_avg_sq, noise, *states8] if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"adamw_step: all tensors must share a device, got {sorted(map(str, devices))}")
+    if not all(0.0 < b <= 1.0 for b in bias_corrections):
+        raise ValueError(f"adamw_step: bias corrections must be in (0, 1], got {bias_corrections}")
+    return is_8bit
+
+
+def _scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2) -> dict[str, float]:
+    """The step's scalars, folded once in float64 and used as fp32 by both implementations."""
+    return dict(decay=1.0 - lr * weight_decay, c1=1.0 - beta1, beta2=beta2, c2=1.0 - beta2, eps=eps,
+                sqrt_bc2=math.sqrt(bias_correction2), neg_step=-lr / bias_correction1)  # fmt: skip
+
+
+# ---- reference ---------------------------------------------------------------------------------
+def adamw_step_reference(
+    int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction1: float, bias_correction2: float, maximize: bool = False,
+    exp_avg_scale: Tensor | None = None, exp_avg_sq_scale: Tensor | None = None,
+    exp_avg_qmap: Tensor | None = None, exp_avg_sq_qmap: Tensor | None = None, noise: Tensor | None = None,
+) -> None:  # fmt: skip
+    """One AdamW step of ``W = int_data * scale[:, None]`` in plain PyTorch (fp32 math), in place.
+
+    Args:
+        int_data: ``[N, K]`` int8 codes and ``scale`` ``[N]`` float32: the weight, rewritten.
+        grad: ``[N, K]`` float32, float16 or bfloat16 gradient.
+        exp_avg, exp_avg_sq: ``[N, K]`` float32 moments, or uint8 codes of 8-bit states (then
+            ``exp_avg_scale`` / ``exp_avg_sq_scale`` ``[N * K / 256]`` block absmax and
+            ``exp_avg_qmap`` / ``exp_avg_sq_qmap`` ``[256]`` code maps, and ``K % 256 == 0``).
+        bias_correction1, bias_correction2: ``1 - beta1**step`` and ``1 - beta2**step``.
+        noise: ``[N, K]`` float32 in ``[0, 1)`` for the stochastic rounding; ``torch.rand`` if None.
+
+    The step: ``W *= 1 - lr * wd``; ``m += (1 - beta1) (g - m)``; ``v = beta2 v + (1 - beta2) g^2``;
+    ``W -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``; then ``W`` is re-quantized per row with
+    stochastic rounding (``quantize_rowwise_int8_reference``) and the moments are stored.
+
+    Raises:
+        TypeError, ValueError: wrong dtypes, shapes, devices, non-contiguous outputs, 8-bit states
+            with ``K % 256 != 0``, bias corrections outside (0, 1].
+    """
+    states8 = (exp_avg_scale, exp_avg_sq_scale, exp_avg_qmap, exp_avg_sq_qmap)
+    bias_corrections = (bias_correction1, bias_correction2)
+    is_8bit = _check_args(int_data, scale, grad, exp_avg, exp_avg_sq, states8, noise, bias_corrections)
+    c = _scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)
+    g = -grad.float() if maximize else grad.float()
+    p = int_data.float() * scale[:, None]
+    m = _state_value(exp_avg, exp_avg_scale, exp_avg_qmap) if is_8bit else exp_avg.clone()
+    v = _state_value(exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap) if is_8bit else exp_avg_sq.clone()
+    # Written op by op (no lerp/addcmul, which CPU torch computes with fused multiply-adds) so the
+    # interpreted kernel, which performs the same ops in the same order, agrees bit for bit.
+    p = p * c["decay"]
+    m = m + c["c1"] * (g - m)
+    v = v * c["beta2"] + c["c2"] * (g * g)
+    denom = torch.sqrt(v) / c["sqrt_bc2"] + c["eps"]
+    p = p + c["neg_step"] * (m / denom)
+    q, s = quantize_rowwise_int8_reference(p, stochastic=True, noise=noise)
+    int_data.copy_(q)
+    scale.copy_(s)
+    _write_state(m, exp_avg, exp_avg_scale, exp_avg_qmap)
+    _write_state(v, exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap)
+
+
+def _state_value(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    return (qmap[codes.long()].view(-1, STATE_BLOCK) * absmax[:, None]).view(codes.shape)
+
+
+def _write_state(x: Tensor, out: Tensor, absmax: Tensor | None, qmap: Tensor | None) -> None:
+    if absmax is None:
+        out.copy_(x)
+        return
+    blocks = x.view(-1, STATE_BLOCK)
+    new_absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)  # as OptimState8bit's quantize_8bit
+    codes = torch.bucketize(blocks / new_absmax[:, None], (qmap[1:] + qmap[:-1]) / 2)
+    out.copy_(codes.view(out.shape))
+    absmax.copy_(new_absmax)
+
+
+# ---- Triton --------------------------------------------------------------------------------------
+@triton.jit
+def _nearest_code(x, qmap_ptr):
+    """Index of the nearest code: how many of the 255 midpoints between codes are < x.
+
+    Branchless binary search, steps 128, 64, ..., 1: the probed midpoint ``pos + step - 1`` is at
+    most 254, so both of its codes exist. Midpoints are formed on the fly from two neighbouring
+    codes (the 1 KB map stays in L1): ``(lo + hi) * 0.5`` is torch's ``(q[1:] + q[:-1]) / 2`` exactly.
+    """
+    pos = tl.zeros(x.shape, dtype=tl.int32)
+    for i in tl.static_range(8):
+        probe = pos + ((128 >> i) - 1)
+        mid = (tl.load(qmap_ptr + probe) + tl.load(qmap_ptr + probe + 1)) * 0.5
+        pos = tl.where(mid < x, pos + (128 >> i), pos)
+    return pos
+
+
+@triton.jit
+def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+                  decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                  STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
+    """The updated weight and moments (fp32) of one [BLOCK_B, QBLOCK] chunk of a row, from the old ones."""
+    b = tl.arange(0, BLOCK_B)[:, None]
+    cols = k0 + b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = cols < K
+    idx = row * K + cols
+    blk = (row * K + k0) // QBLOCK + b  # 8-bit: the state block of each tile row (QBLOCK = 256)
+    bmask = (k0 + b * QBLOCK) < K
+    p = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32) * old_scale
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if STATE_8BIT:
+        m = tl.load(mq_ptr + tl.load(m_ptr + idx, mask=mask, other=0).to(tl.int32))
+        m = m * tl.load(ms_ptr + blk, mask=bmask, other=0.0)
+        v = tl.load(vq_ptr + tl.load(v_ptr + idx, mask=mask, other=0).to(tl.int32))
+        v = v * tl.load(vs_ptr + blk, mask=bmask, other=0.0)
+    else:
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+    # The reference's ops in its order; div_rn / sqrt_rn: IEEE like torch (plain `/` and sqrt are
+    # approximate on NVIDIA GPUs). Masked lanes stay 0 throughout.
+    p = p * decay
+    m = m + c1 * (g - m)
+    v = v * beta2 + c2 * (g * g)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+    p = p + neg_step * tl.math.div_rn(m, denom)
+    return p, m, v, idx, mask, blk, bmask
+
+
+@triton.jit
+def _store_state(x, ptr, absmax_ptr, qmap_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr):
+    if STATE_8BIT:
+        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)[:, None]  # one per state block
+        tl.store(absmax_ptr + blk, absmax, mask=bmask)
+        tl.store(ptr + idx, _nearest_code(tl.math.div_rn(x, absmax), qmap_ptr).to(tl.uint8), mask=mask)
+    else:
+        tl.store(ptr + idx, x, mask=mask)
+
+
+@triton.jit
+def _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
+                 mq_ptr, vq_ptr, seed, STATE_8BIT: tl.constexpr, HAS_NOISE: tl.constexpr):  # fmt: skip
+    x = tl.math.div_rn(p, new_scale)
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
+    else:
+        u = tl.rand(seed, idx)  # Philox: one counter per element
+    lo = tl.floor(x)
+    x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
+    x = tl.minimum(tl.maximum(x, -127.0), 127.0)
+    tl.store(q_ptr + idx, x.to(tl.int8), mask=mask)
+    _store_state(m, m_ptr, ms_ptr, mq_ptr, idx, mask, blk, bmask, STATE_8BIT)
+    _store_state(v, v_ptr, vs_ptr, vq_ptr, idx, mask, blk, bmask, STATE_8BIT)
+
+
+@triton.jit
+def _adamw_step_kernel(
+    q_ptr, s_ptr, g_ptr,  # int8 [N, K] and fp32 [N] (read, then written); grad [N, K]
+    m_ptr, v_ptr,  # states [N, K]: fp32, or uint8 codes if STATE_8BIT (read, then written)
+    ms_ptr, vs_ptr, mq_ptr, vq_ptr,  # 8-bit only: block absmax [N * K / 256] and code maps [256]
+    noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
+    K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+    STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
+    old_scale = tl.load(s_ptr + row)
+    if ONE_PASS:  # the whole row fits one chunk: keep the update in registers
+        p, m, v, idx, mask, blk, bmask = _chunk_update(
+            q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, 0, old_scale,
+            decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
+        absmax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
+        new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
+        _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
+                     mq_ptr, vq_ptr, seed, STATE_8BIT, HAS_NOISE)  # fmt: skip
+    else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
+        acc = tl.zeros((BLOCK_B, QBLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_B * QBLOCK):
+            p, m, v, idx, mask, blk, bmask = _chunk_update(
+                q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+                decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
+            acc = tl.maximum(acc, tl.abs(p))
+        new_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(acc, axis=1), axis=0), 127.0), 1e-12)
+        for k0 in range(0, K, BLOCK_B * QBLOCK):  # chunk k0 is read before it is overwritten
+            p, m, v, idx, mask, blk, bmask = _chunk_update(
+                q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+                decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
+            _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr,
+                         vs_ptr, mq_ptr, vq_ptr, seed, STATE_8BIT, HAS_NOISE)  # fmt: skip
+    tl.store(s_ptr + row, new_scale)
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernel (e.g. a compiled optimizer step).
+@triton_op(
+    "quantframe::adamw_step",
+    mutates_args={"int_data", "scale", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"},
+)
+def _adamw_step_op(
+    int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    exp_avg_scale: Tensor | None, exp_avg_sq_scale: Tensor | None, exp_avg_qmap: Tensor | None,
+    exp_avg_sq_qmap: Tensor | None, noise: Tensor | None, scalars: list[float], seed: int, maximize: bool,
+) -> None:  # fmt: skip
+    """Arguments already checked by :func:`adamw_step_triton`."""
+    n, k = int_data.shape
+    if n == 0 or k == 0:
+        return
+    is_8bit = exp_avg_scale is not None
+    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
+        qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
+        maps = (exp_avg_qmap, exp_avg_sq_qmap)
+    else:
+        qblock, block_b = min(triton.next_power_of_2(k), _MAX_BLOCK_K), 1
+        maps = (scale, scale)  # dummy pointers: the kernel reads no map
+    absmaxes = (exp_avg_scale, exp_avg_sq_scale) if is_8bit else (scale, scale)
+    wrap_triton(_adamw_step_kernel)[(n,)](
+        int_data, scale, grad, exp_avg, exp_avg_sq, *absmaxes, *maps,
+        noise if noise is not None else scale,  # a dummy pointer when the kernel reads no noise
+        k, seed, *scalars,
+        STATE_8BIT=is_8bit, MAXIMIZE=maximize, HAS_NOISE=noise is not None,
+        ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
+        # ~16 elements per thread: ptxas (sm_90) gives 102-128 registers without spills for 2048-4096
+        # element rows at 8-16 warps; 8 warps on 4096 elements take 181-240 registers.
+        num_warps=min(16, max(4, block_b * qblock // 256)),
+    )  # fmt: skip
+
+
+def adamw_step_triton(
+    int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction1: float, bias_correction2: float, maximize: bool = False,
+    exp_avg_scale: Tensor | None = None, exp_avg_sq_scale: Tensor | None = None,
+    exp_avg_qmap: Tensor | None = None, exp_avg_sq_qmap: Tensor | None = None, noise: Tensor | None = None,
+    seed: int | None = None,
+) -> None:  # fmt: skip
+    """Triton version of :func:`adamw_step_reference` (one program per row); same arguments and errors.
+
+    ``seed`` (an int in ``[0, 2**31 - 1)``) seeds the in-kernel Philox draws when ``noise`` is None;
+    by default it comes from torch's CPU generator, so ``torch.manual_seed`` makes a step reproducible.
+    """
+    states8 = (exp_avg_scale, exp_avg_sq_scale, exp_avg_qmap, exp_avg_sq_qmap)
+    _check_args(int_data, scale, grad, exp_avg, exp_avg_sq, states8, noise, (bias_correction1, bias_correction2))
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if noise is None else 0
+    scalars = list(_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2).values())
+    torch.ops.quantframe.adamw_step(
+        int_data, scale, grad.contiguous(), exp_avg, exp_avg_sq, *states8,
+        noise.contiguous() if noise is not None else None, scalars, seed, maximize,
+    )  # fmt: skip
+
+
+def adamw_step(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, **kwargs) -> None:
+    """One fused AdamW step of a per-row int8 weight, in place: Triton on CUDA, else the reference.
+
+    Same keyword arguments, effect and errors as :func:`adamw_step_reference`. Without ``noise``
+    the two paths draw different (equally distributed) rounding noise.
+    """
+    if use_triton(int_data):
+        adamw_step_triton(int_data, scale, grad, exp_avg, exp_avg_sq, **kwargs)
+    else:
+        adamw_step_reference(int_data, scale, grad, exp_avg, exp_avg_sq, **kwargs)

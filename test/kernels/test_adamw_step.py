@@ -1,0 +1,191 @@
+"""quantframe.kernels.adamw_step: reference vs a slow per-element loop; Triton vs reference.
+
+The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/conftest.py); with
+the same noise it agrees with the reference bit for bit (int8, scales and states).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from quantframe.kernels.adamw_step import adamw_step, adamw_step_reference, adamw_step_triton
+from quantframe.optim.state8bit import OptimState8bit
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+             bias_correction1=1 - 0.9**3, bias_correction2=1 - 0.999**3)  # fmt: skip
+
+
+def _inputs(n, k, states, grad_dtype=torch.float32):
+    """A weight, a gradient, moments as after a few steps, and the rounding noise."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) * 1e-2 + 1e-3
+    grad = torch.randn(n, k).to(grad_dtype)
+    m, v = torch.randn(n, k) * 0.1, torch.rand(n, k) * torch.logspace(-6, -2, k)  # v spans decades
+    if states == "8bit":
+        m, v = OptimState8bit.from_float(m, signed=True), OptimState8bit.from_float(v, signed=False)
+    return dict(q=q, scale=scale, grad=grad, m=m, v=v, noise=torch.rand(n, k))
+
+
+def _run(impl, inp, **kw):
+    """Apply ``impl`` to copies of ``inp``; return every tensor it wrote."""
+    q, scale, m, v = inp["q"].clone(), inp["scale"].clone(), inp["m"], inp["v"]
+    if isinstance(m, OptimState8bit):
+        parts = dict(exp_avg_scale=m.scale.clone(), exp_avg_sq_scale=v.scale.clone(),
+                     exp_avg_qmap=m.qmap, exp_avg_sq_qmap=v.qmap)  # fmt: skip
+        m, v = m.codes.clone(), v.codes.clone()
+    else:
+        parts, m, v = {}, m.clone(), v.clone()
+    impl(q, scale, inp["grad"], m, v, noise=inp["noise"], **parts, **{**HYPER, **kw})
+    return dict(int_data=q, scale=scale, exp_avg=m, exp_avg_sq=v,
+                **{k: t for k, t in parts.items() if k.endswith("_scale")})  # fmt: skip
+
+
+# (n, k, states): K off block multiples for fp32 states; rows longer than 4096 take two passes.
+CASES = [
+    pytest.param(1, 1, "fp32", id="N1-K1-fp32"),
+    pytest.param(3, 33, "fp32", id="N3-K33-fp32"),
+    pytest.param(5, 127, "fp32", id="N5-K127-fp32"),
+    pytest.param(2, 4100, "fp32", id="N2-K4100-fp32-two-pass"),
+    pytest.param(3, 256, "8bit", id="N3-K256-8bit"),
+    pytest.param(2, 512, "8bit", id="N2-K512-8bit"),
+    pytest.param(1, 4352, "8bit", id="N1-K4352-8bit-two-pass"),
+]
+
+
+@pytest.mark.parametrize("n, k, states", CASES)
+def test_triton_matches_reference_exactly(n, k, states):
+    inp = _inputs(n, k, states)
+    ref, out = _run(adamw_step_reference, inp), _run(adamw_step_triton, inp)
+    assert (ref["int_data"] != inp["q"]).any()  # the step moved the weight
+    for name, t in ref.items():
+        assert torch.equal(out[name], t), name
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("states", ["fp32", "8bit"])
+def test_triton_matches_reference_with_16bit_grads_and_maximize(states, grad_dtype):
+    inp = _inputs(2, 256, states, grad_dtype)
+    ref = _run(adamw_step_reference, inp, maximize=True)
+    out = _run(adamw_step_triton, inp, maximize=True)
+    for name, t in ref.items():
+        assert torch.equal(out[name], t), name
+
+
+def test_triton_without_noise_draws_unbiased_rounding():
+    inp = _inputs(4, 512, "fp32")
+    inp["noise"] = None
+    q = _run(adamw_step_triton, inp)["int_data"]
+    floor = _run(adamw_step_reference, {**inp, "noise": torch.zeros(4, 512).add_(1 - 2**-24)})["int_data"]
+    ceil_ = _run(adamw_step_reference, {**inp, "noise": torch.zeros(4, 512)})["int_data"]
+    assert bool(((q == floor) | (q == ceil_)).all())
+    frac = (q != floor).float().mean()
+    assert 0.3 < frac < 0.7  # rounding up about as often as the fractions say (~0.5 here)
+
+
+def _slow_loop(inp, state_map=None):
+    """One row, element by element in numpy float32 scalars: the AdamW step as written in papers."""
+    f = np.float32
+    lr, wd, b1, b2, eps = (HYPER[k] for k in ("lr", "weight_decay", "beta1", "beta2", "eps"))
+    bc1, bc2 = HYPER["bias_correction1"], HYPER["bias_correction2"]
+    m_in, v_in = (t.dequantize() if state_map else t for t in (inp["m"], inp["v"]))
+    p, m, v = [], [], []
+    for j in range(inp["q"].shape[1]):
+        pj = f(inp["q"][0, j].item()) * f(inp["scale"][0].item())
+        g, mj, vj = f(inp["grad"][0, j].item()), f(m_in[0, j].item()), f(v_in[0, j].item())
+        pj = pj * f(1 - lr * wd)
+        mj = mj + f(1 - b1) * (g - mj)
+        vj = vj * f(b2) + f(1 - b2) * (g * g)
+        pj = pj + f(-lr / bc1) * (mj / (np.sqrt(vj) / f(np.sqrt(bc2)) + f(eps)))
+        p, m, v = p + [pj], m + [mj], v + [vj]
+    new_scale = max(max(abs(x) for x in p) / f(127), f(1e-12))
+    codes = []
+    for pj, u in zip(p, inp["noise"][0].tolist()):
+        x = pj / new_scale
+        lo = np.floor(x)
+        codes.append(int(min(max(lo + (f(u) < x - lo), -127), 127)))
+    return codes, float(new_scale), m, v
+
+
+@pytest.mark.parametrize("states", ["fp32", "8bit"])
+def test_reference_matches_a_slow_loop_over_one_row(states):
+    inp = _inputs(1, 512, states)
+    ref = _run(adamw_step_reference, inp)
+    codes, new_scale, m, v = _slow_loop(inp, state_map=states == "8bit")
+    assert ref["int_data"][0].tolist() == codes
+    assert ref["scale"].item() == new_scale
+    if states == "fp32":
+        assert ref["exp_avg"][0].tolist() == m and ref["exp_avg_sq"][0].tolist() == v
+    else:  # the stored state is the 8-bit image of the loop's fp32 moment, as OptimState8bit makes it
+        for name, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+            expected = OptimState8bit.from_float(torch.tensor([value]), signed=signed)
+            assert torch.equal(ref[name], expected.codes), name
+            assert torch.equal(ref[f"{name}_scale"], expected.scale), name
+
+
+def test_dispatcher_takes_the_reference_on_cpu():
+    inp = _inputs(2, 256, "8bit")
+    ref, out = _run(adamw_step_reference, inp), _run(adamw_step, inp)
+    for name, t in ref.items():
+        assert torch.equal(out[name], t), name
+
+
+def _bad(**changes):
+    """Valid fp32-state arguments for [2, 256], with ``changes`` applied."""
+    args = dict(int_data=torch.zeros(2, 256, dtype=torch.int8), scale=torch.ones(2), grad=torch.zeros(2, 256),
+                exp_avg=torch.zeros(2, 256), exp_avg_sq=torch.zeros(2, 256), **HYPER)  # fmt: skip
+    args.update(changes)
+    return args
+
+
+CODES = torch.zeros(2, 256, dtype=torch.uint8)
+BAD = [
+    pytest.param(TypeError, r"adamw_step: int_data must be 2-D int8 \[N, K\], got torch.float32",
+                 dict(int_data=torch.zeros(2, 256)), id="int_data-dtype"),
+    pytest.param(ValueError, r"adamw_step: scale must be float32 \[2\], got torch.float32 \(3,\)",
+                 dict(scale=torch.ones(3)), id="scale-shape"),
+    pytest.param(ValueError, r"adamw_step: grad must be float \[2, 256\], got torch.float32 \(2, 255\)",
+                 dict(grad=torch.zeros(2, 255)), id="grad-shape"),
+    pytest.param(TypeError, r"exp_avg_sq must both be float32 or both uint8 codes, got torch.uint8 and torch.float32",
+                 dict(exp_avg=CODES), id="mixed-states"),
+    pytest.param(ValueError, r"adamw_step: states must be \[2, 256\], got \(2, 256\), \(512,\)",
+                 dict(exp_avg_sq=torch.zeros(512)), id="state-shape"),
+    pytest.param(ValueError, r"adamw_step: 8-bit states need K=128 to be a multiple of 256",
+                 dict(int_data=torch.zeros(4, 128, dtype=torch.int8), scale=torch.ones(4), grad=torch.zeros(4, 128),
+                      exp_avg=CODES.view(4, 128), exp_avg_sq=CODES.view(4, 128)), id="8bit-K-not-a-block-multiple"),
+    pytest.param(ValueError, r"adamw_step: 8-bit states need exp_avg_scale float32 \[2\], got None",
+                 dict(exp_avg=CODES, exp_avg_sq=CODES), id="8bit-without-scale"),
+    pytest.param(ValueError, r"adamw_step: state scales and qmaps are only for uint8",
+                 dict(exp_avg_qmap=torch.zeros(256)), id="fp32-with-qmap"),
+    pytest.param(ValueError, r"the states are written in place and must be contiguous",
+                 dict(exp_avg=torch.zeros(256, 2).T), id="non-contiguous"),
+    pytest.param(ValueError, r"adamw_step: noise must be float32 \[2, 256\], got torch.float64",
+                 dict(noise=torch.zeros(2, 256, dtype=torch.float64)), id="noise-dtype"),
+    pytest.param(ValueError, r"adamw_step: all tensors must share a device, got \['cpu', 'meta'\]",
+                 dict(grad=torch.zeros(2, 256, device="meta")), id="devices"),
+    pytest.param(ValueError, r"adamw_step: bias corrections must be in \(0, 1\], got \(0.0, ",
+                 dict(bias_correction1=0.0), id="bias-correction"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", [adamw_step_reference, adamw_step_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize("error, msg, changes", BAD)
+def test_bad_arguments_raise(impl, error, msg, changes):
+    args = _bad(**changes)
+    with pytest.raises(error, match=msg):
+        impl(*[args.pop(k) for k in ("int_data", "scale", "grad", "exp_avg", "exp_avg_sq")], **args)
+
+
+# ---- GPU: real sizes (CPU siblings above) ------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2048, 5632), (1000, 2048)], ids=["2048x5632-two-pass", "1000x2048"])
+@pytest.mark.parametrize("states", ["fp32", "8bit"])
+def test_triton_matches_reference_on_cuda(shape, states):
+    inp = {k: v.cuda() for k, v in _inputs(*shape, states, torch.bfloat16).items()}
+    ref, out = _run(adamw_step_reference, inp), _run(adamw_step, inp)
+    # FMA contraction on the GPU can move a value by an ulp and flip a rounding decision, rarely.
+    for name, t in ref.items():
+        if t.dtype in (torch.int8, torch.uint8):
+            diff = (out[name].int() - t.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4, name
+        else:
+            torch.testing.assert_close(out[name], t, rtol=1e-5, atol=1e-10, msg=name)
