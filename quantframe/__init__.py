@@ -5,6 +5,12 @@
 """
 
 from quantframe.api import QuantConfig, SkipModule, quantize_, register_quantize_handler, summary
+from quantframe.int8_mixed_precision import (
+    Int8MixedPrecisionLinearWeight,
+    Int8MixedPrecisionQTLinearWeight,
+    Int8MixedPrecisionTrainingConfig,
+    int8_mixed_precision_training,
+)
 from quantframe.int8_training import (
     Int8QTLinearWeight,
     Int8WeightOnlyQuantizedTrainingConfig,
@@ -24,4 +30,8 @@ __all__ = [
     "Int8QTLinearWeight",
     "Int8WeightOnlyQuantizedTrainingConfig",
     "int8_weight_only_quantized_training",
+    "Int8MixedPrecisionLinearWeight",
+    "Int8MixedPrecisionQTLinearWeight",
+    "Int8MixedPrecisionTrainingConfig",
+    "int8_mixed_precision_training",
 ]

@@ -133,7 +133,8 @@ class Int8QTLinearWeight(QuantTensor):
         int_data, scale = outputs
         if out is not None:  # later steps: FSDP2 refilled the storages `out` already views
             return None
-        return Int8QTLinearWeight(int_data, scale, dtype=param_dtype), (int_data, scale)
+        # _rebuild keeps the class (and attributes) of a subclass, as every op below does
+        return self._rebuild(int_data=int_data, scale=scale, shape=int_data.shape, dtype=param_dtype), (int_data, scale)
 
 
 # ---- linear ----------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def _rows_view(w: Int8QTLinearWeight, start: int, length: int, shape, op: str) -
         raise NotImplementedError(f"Int8QTLinearWeight: {op} of a non-contiguous tensor is not supported")
     r0, nr = _row_span(w, start, length, op)
     int_data = w.int_data.view(-1)[start : start + length].view(shape)
-    return Int8QTLinearWeight(int_data, w.scale[r0 : r0 + nr], dtype=w.dtype)
+    return w._rebuild(int_data=int_data, scale=w.scale[r0 : r0 + nr], shape=int_data.shape)
 
 
 @Int8QTLinearWeight.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
@@ -258,7 +259,8 @@ def _cat(func, types, args, kwargs):
     if dim != 0 or not all(isinstance(t, Int8QTLinearWeight) for t in tensors):
         raise NotImplementedError("Int8QTLinearWeight: cat supports Int8QTLinearWeights along dim 0 only")
     int_data = torch.cat([t.int_data for t in tensors])
-    return Int8QTLinearWeight(int_data, torch.cat([t.scale for t in tensors]), dtype=tensors[0].dtype)
+    scale = torch.cat([t.scale for t in tensors])
+    return tensors[0]._rebuild(int_data=int_data, scale=scale, shape=int_data.shape)
 
 
 @Int8QTLinearWeight.implements([aten.new_zeros.default])
@@ -269,7 +271,7 @@ def _new_zeros(func, types, args, kwargs):
         raise NotImplementedError(f"Int8QTLinearWeight: new_zeros({list(size)}) is not whole rows of {row}")
     int_data = torch.zeros(size, dtype=torch.int8, device=w.device)
     scale = torch.full((math.prod(size) // row,), 1e-12, device=w.device)  # what from_float gives a zero row
-    return Int8QTLinearWeight(int_data, scale, dtype=kwargs.get("dtype") or w.dtype)
+    return w._rebuild(int_data=int_data, scale=scale, shape=size, dtype=kwargs.get("dtype") or w.dtype)
 
 
 # ---- ops that make plain tensors (optimizer state, out-of-place math) ------------------------
@@ -374,13 +376,13 @@ def _all_gather(func, types, args, kwargs):
     int_data = c10d.wait_tensor(func(w.int_data.contiguous(), *rest, **kwargs))
     scale = c10d.wait_tensor(func(w.scale, *rest, **kwargs))
     shape = (int_data.shape[0], *w.shape[1:]) if w.dim() else int_data.shape
-    return Int8QTLinearWeight(int_data.view(shape), scale, dtype=w.dtype)
+    return w._rebuild(int_data=int_data.view(shape), scale=scale, shape=shape)
 
 
 @Int8QTLinearWeight.implements([c10d.wait_tensor.default])
 def _wait(func, types, args, kwargs):
     w = args[0]
-    return Int8QTLinearWeight(func(w.int_data), func(w.scale), shape=w.shape, dtype=w.dtype)
+    return w._rebuild(func)
 
 
 @Int8QTLinearWeight.implements([c10d._wrap_tensor_autograd.default])
