@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from . import use_triton
 
@@ -135,24 +136,34 @@ def quantize_rowwise_int8_triton(
     ``torch.manual_seed`` makes the result reproducible. The draws differ from ``torch.rand``'s.
     """
     _check_args(w, noise)
-    w = w.detach().contiguous()  # the kernel indexes rows as row * K
-    n, k = w.shape
+    if seed is None:
+        # drawn outside the custom op: under torch.compile the op body only sees fake tensors
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic and noise is None else 0
+    has_noise = stochastic and noise is not None
+    return torch.ops.quantframe.quantize_rowwise_int8(
+        w.detach().contiguous(), noise.contiguous() if has_noise else None, stochastic, seed
+    )
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernel (the activation quantization of
+# int8 mixed-precision training runs inside compiled forwards); in eager mode it just launches it.
+@triton_op("quantframe::quantize_rowwise_int8", mutates_args=())
+def _quantize_rowwise_int8_op(w: Tensor, noise: Tensor | None, stochastic: bool, seed: int) -> tuple[Tensor, Tensor]:
+    """Contiguous ``w [N, K]``; arguments already checked by :func:`quantize_rowwise_int8_triton`."""
+    n, k = w.shape  # the kernel indexes rows as row * K
     q = torch.empty((n, k), dtype=torch.int8, device=w.device)
     scale = torch.empty((n,), dtype=torch.float32, device=w.device)
     if n == 0:
         return q, scale
-    has_noise = stochastic and noise is not None
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic else 0
-    _quantize_rowwise_int8_kernel[(n,)](
+    wrap_triton(_quantize_rowwise_int8_kernel)[(n,)](
         w,
-        noise.contiguous() if has_noise else w,  # a dummy pointer when the kernel reads no noise
+        noise if noise is not None else w,  # a dummy pointer when the kernel reads no noise
         q,
         scale,
         k,
         seed,
         STOCHASTIC=stochastic,
-        HAS_NOISE=has_noise,
+        HAS_NOISE=noise is not None,
         BLOCK_K=min(triton.next_power_of_2(k), _MAX_BLOCK_K),
     )
     return q, scale

@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from quantframe import Int8QTLinearWeight, int8_weight_only_quantized_training, quantize_
+from quantframe import (
+    int8_mixed_precision_training,
+    int8_weight_only_quantized_training,
+    quantize_,
+)
+from quantframe.kernels.int8_mm import (
+    int8_scaled_mm,
+    int8_scaled_mm_reference,
+    quantize_colwise_int8,
+    quantize_colwise_int8_reference,
+)
 from quantframe.kernels.int8_rowwise import quantize_rowwise_int8, quantize_rowwise_int8_reference
 from quantframe.kernels.int8_weight_mm import int8_weight_mm, int8_weight_mm_reference
 from quantframe.optim import AdamW
@@ -46,7 +56,39 @@ def test_int8_weight_mm_matches_reference_on_cuda(m, transpose):
     assert (out.float() - exact).abs().max() <= 1.5 * (dense - exact).abs().max()
 
 
-def test_training_on_cuda_follows_the_float_run_eager_and_compiled():
+@pytest.mark.parametrize("shape", [(16, 4096, 4096), (4096, 4096, 4096), (1000, 4099, 1028)], ids=str)
+def test_int8_scaled_mm_matches_reference_on_cuda(shape):
+    m, n, k = shape
+    a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    sa, sb = torch.rand(m, device="cuda") / 100, torch.rand(n, device="cuda") / 100
+    out = int8_scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
+    assert torch.equal(out, int8_scaled_mm_reference(a, b, sa, sb, out_dtype=torch.float32))  # int32 sums: exact
+    bias = torch.randn(n, device="cuda", dtype=torch.float32)
+    # the fused epilogue may contract scale * acc + bias into one FMA: fp32 rounding, no more
+    torch.testing.assert_close(
+        int8_scaled_mm(a, b, sa, sb, bias, out_dtype=torch.float32),
+        int8_scaled_mm_reference(a, b, sa, sb, bias, out_dtype=torch.float32),
+    )
+
+
+@pytest.mark.parametrize("shape", [(8192, 4096), (1000, 4099)], ids=str)
+def test_colwise_quantization_matches_reference_on_cuda(shape):
+    t = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q, s = quantize_colwise_int8(t)
+    q_ref, s_ref = quantize_colwise_int8_reference(t)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+SCHEMES = {
+    "int8-qt": int8_weight_only_quantized_training,
+    "int8-mp": lambda: int8_mixed_precision_training(),
+    "int8-mp-int8-weights": lambda: int8_mixed_precision_training(int8_weights=True),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_on_cuda_follows_the_float_run_eager_and_compiled(scheme):
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 512)).cuda().bfloat16()
     teacher = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5
@@ -54,8 +96,8 @@ def test_training_on_cuda_follows_the_float_run_eager_and_compiled():
     for name in ("float", "int8", "int8-compiled"):
         m = copy.deepcopy(ref)
         if name != "float":
-            quantize_(m, int8_weight_only_quantized_training())
-            assert isinstance(m[0].weight, Int8QTLinearWeight) and m[0].weight.int_data.is_cuda
+            quantize_(m, SCHEMES[scheme]())
+            assert m[0].weight.is_cuda and type(m[0].weight) is not nn.Parameter
         run = torch.compile(m) if name.endswith("compiled") else m
         opt = AdamW(m.parameters(), lr=1e-3)
         g = torch.Generator(device="cuda").manual_seed(1)
