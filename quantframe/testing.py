@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from quantframe.tensor import QuantTensor
 
-__all__ = ["QuantTensorContract", "sqnr"]
+__all__ = ["QuantTensorContract", "run_distributed", "sqnr"]
 
 
 def sqnr(ref: Tensor, approx: Tensor) -> float:
@@ -119,3 +124,42 @@ class QuantTensorContract:
         q = self.make(self.weight())
         with pytest.raises(NotImplementedError, match=rf"{type(q).__name__} does not support aten\.cos\.default; supported: "):
             torch.cos(q)
+
+
+# ---- FSDP2 on CPU: several gloo processes on this machine ------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, scenarios: dict, port: int, out: str, world: int) -> None:
+    import torch.distributed as dist
+
+    # A hung collective becomes an error after 60 s instead of gloo's default 30 min.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        for name, scenario in scenarios.items():
+            torch.save(scenario(rank, out), os.path.join(out, f"{name}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    scenarios: dict[str, Callable[[int, str], object]], out_dir: str | Path, world: int = 2
+) -> dict[str, list]:
+    """Run each ``scenario(rank, out_dir)`` in ``world`` gloo processes (one spawn for all of them).
+
+    Scenarios must be module-level functions (they are pickled by reference) returning what
+    ``torch.load(weights_only=True)`` can read back. Returns ``{name: [result of rank 0, ...]}``;
+    an exception on any rank is re-raised here by ``mp.spawn``, so a test cannot pass by accident.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(scenarios, _free_port(), str(out_dir), world), nprocs=world)
+    return {
+        name: [torch.load(Path(out_dir) / f"{name}-rank{r}.pt", weights_only=True) for r in range(world)]
+        for name in scenarios
+    }

@@ -41,7 +41,7 @@ def test_plain_params_track_torch_adamw():
     kw = dict(betas=(0.9, 0.99), weight_decay=0.1)
     la = train(a, AdamW8bit(a.parameters(), lr=1e-2, **kw))
     lb = train(b, torch.optim.AdamW(b.parameters(), lr=1e-2, foreach=False, **kw))
-    lc = train(c, torch.optim.AdamW(c.parameters(), lr=1.2e-2, foreach=False, **kw))  # a nearby run
+    train(c, torch.optim.AdamW(c.parameters(), lr=1.2e-2, foreach=False, **kw))  # a nearby run
     assert la[-1] < 0.2 * la[0]
     assert la[-1] == pytest.approx(lb[-1], rel=0.02)
     for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):

@@ -7,22 +7,24 @@ that raises fails the spawn, and every test reports the worker's traceback.
 """
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from quantframe import Int8QTLinearWeight, int8_weight_only_quantized_training, quantize_
+from quantframe import (
+    Int8QTLinearWeight,
+    int8_weight_only_quantized_training,
+    quantize_,
+)
 from quantframe.optim import AdamW
+from quantframe.testing import run_distributed
 
 WORLD = 2
 STEPS = 5
@@ -216,31 +218,10 @@ SCENARIOS = {"train": _scenario_train, "bf16": _scenario_bf16, "checkpoint": _sc
              "uneven": _scenario_uneven}  # fmt: skip
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    # A hung collective becomes an error after 60 s instead of gloo's default 30 min.
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
-    try:
-        for name, scenario in SCENARIOS.items():
-            torch.save(scenario(rank, out), os.path.join(out, f"{name}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """{scenario: [rank 0 result, rank 1 result]}; mp.spawn re-raises an exception of any rank."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
-    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-            for name in SCENARIOS}  # fmt: skip
+    """{scenario: [rank 0 result, rank 1 result]}; an exception on any rank fails every test."""
+    return run_distributed(SCENARIOS, tmp_path_factory.mktemp("fsdp2"), WORLD)
 
 
 def _single_process(optimizer: str, lr: float = LR) -> tuple[list[float], list[torch.Tensor]]:

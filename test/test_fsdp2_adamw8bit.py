@@ -10,14 +10,11 @@ pytorch/ao#4912) and [8, 160] (1280 elements: fp32 moments).
 """
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -26,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from quantframe import int8_weight_only_quantized_training, quantize_
 from quantframe.optim import AdamW8bit, OptimState8bit
+from quantframe.testing import run_distributed
 
 WORLD = 2
 STEPS = 5
@@ -158,31 +156,10 @@ SCENARIOS = {"train": _scenario_train, "checkpoint": _scenario_checkpoint,
              "gather_split_blocks": _scenario_gather_split_blocks}  # fmt: skip
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    # A hung collective becomes an error after 60 s instead of gloo's default 30 min.
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
-    try:
-        for name, scenario in SCENARIOS.items():
-            torch.save(scenario(rank, out), os.path.join(out, f"{name}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """{scenario: [rank 0 result, rank 1 result]}; mp.spawn re-raises an exception of any rank."""
-    out = tmp_path_factory.mktemp("fsdp2_adamw8bit")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
-    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-            for name in SCENARIOS}  # fmt: skip
+    """{scenario: [rank 0 result, rank 1 result]}; an exception on any rank fails every test."""
+    return run_distributed(SCENARIOS, tmp_path_factory.mktemp("fsdp2_adamw8bit"), WORLD)
 
 
 def _single_process(lr: float = LR) -> tuple[list[float], list[dict]]:

@@ -7,14 +7,9 @@ their gradients: INT8 quantization over tokens (the weight gradient's column sca
 the same tokens as each rank does, so float-weight training must match it to float rounding.
 """
 
-import os
-import socket
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -27,6 +22,7 @@ from quantframe.int8_mixed_precision import (
     int8_mixed_precision_training,
 )
 from quantframe.optim import AdamW
+from quantframe.testing import run_distributed
 
 WORLD = 2
 STEPS = 5
@@ -92,7 +88,7 @@ def _recording(cls, gathered: set):
     return pre_all_gather, recording_pre_all_gather
 
 
-def _scenario_train(rank: int) -> dict:
+def _scenario_train(rank: int, out: str) -> dict:
     results = {}
     for int8_weights, cls in CLASSES.items():
         gathered, seen = set(), set()
@@ -116,7 +112,7 @@ def _scenario_train(rank: int) -> dict:
     return results
 
 
-def _scenario_bf16(rank: int) -> dict:
+def _scenario_bf16(rank: int, out: str) -> dict:
     gathered, seen = set(), []
     cls = Int8MixedPrecisionLinearWeight
     original, cls.fsdp_pre_all_gather = _recording(cls, gathered)
@@ -136,7 +132,7 @@ def _scenario_bf16(rank: int) -> dict:
                 master=model[0].weight.to_local().float_data.dtype)  # fmt: skip
 
 
-def _scenario_uneven(rank: int) -> dict:
+def _scenario_uneven(rank: int, out: str) -> dict:
     """out_features=15 over 2 ranks: float weights are padded for the all-gather; int8 weights refuse."""
     losses, first_grads = _train(_mlp(False, out_features=15, shard=True), steps=2, out_features=15)
     model = _mlp(True, out_features=15, shard=True)
@@ -148,30 +144,10 @@ def _scenario_uneven(rank: int) -> dict:
 SCENARIOS = {"train": _scenario_train, "bf16": _scenario_bf16, "uneven": _scenario_uneven}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
-    try:
-        for name, scenario in SCENARIOS.items():
-            torch.save(scenario(rank), os.path.join(out, f"{name}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mixed_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """{scenario: [rank 0 result, rank 1 result]}; mp.spawn re-raises an exception of any rank."""
-    out = tmp_path_factory.mktemp("fsdp2_mixed")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
-    return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-            for name in SCENARIOS}  # fmt: skip
+    """{scenario: [rank 0 result, rank 1 result]}; an exception on any rank fails every test."""
+    return run_distributed(SCENARIOS, tmp_path_factory.mktemp("fsdp2_mixed"), WORLD)
 
 
 # ---- tests -------------------------------------------------------------------------------------
