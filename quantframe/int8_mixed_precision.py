@@ -39,15 +39,9 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
 from quantframe.api import QuantConfig, register_quantize_handler
-from quantframe.int8_training import (  # the INT8 weight this scheme composes with, and its op lists
-    DEQUANTIZING_OPS,
-    FOREACH_OPS,
-    REQUANTIZING_INPLACE_OPS,
-    Int8QTLinearWeight,
-    check_weight,
-)
+from quantframe.int8_training import Int8QTLinearWeight, check_weight  # the INT8 weight this scheme composes with
 from quantframe.primitives import quantize_rowwise_int8
-from quantframe.tensor import QuantTensor
+from quantframe.tensor import DEQUANTIZING_OPS, FOREACH_OPS, REQUANTIZING_INPLACE_OPS, QuantTensor
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -367,15 +361,6 @@ def _new_zeros(func, types, args, kwargs):
     w = args[0]
     data = torch.zeros(args[1], dtype=w.float_data.dtype, device=kwargs.get("device") or w.device)
     return Int8MixedPrecisionLinearWeight(data, *_flags(w), dtype=kwargs.get("dtype") or w.dtype)
-
-
-@Int8MixedPrecisionLinearWeight.implements([aten.zeros_like.default, aten.empty_like.default, aten.ones_like.default])
-def _like(func, types, args, kwargs):
-    # Optimizer state: a plain tensor of the outer dtype.
-    w = args[0]
-    kwargs = {**kwargs, "dtype": kwargs.get("dtype") or w.dtype, "device": kwargs.get("device") or w.device}
-    kwargs.pop("memory_format", None)
-    return func(torch.empty(w.shape, dtype=kwargs["dtype"], device=kwargs["device"]), *args[1:], **kwargs)
 
 
 @Int8MixedPrecisionLinearWeight.implements([aten.copy_.default])

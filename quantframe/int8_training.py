@@ -19,7 +19,15 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe.api import QuantConfig, register_quantize_handler
 from quantframe.primitives import quantize_rowwise_int8
-from quantframe.tensor import QuantTensor, unsupported_op_message
+from quantframe.tensor import (
+    DEQUANTIZING_OPS,
+    FOREACH_OPS,
+    REQUANTIZING_INPLACE_OPS,
+    QuantTensor,
+    dequantizing_op,
+    foreach_op,
+    requantizing_inplace_op,
+)
 
 if torch.distributed.is_available():
     # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
@@ -274,83 +282,10 @@ def _new_zeros(func, types, args, kwargs):
     return w._rebuild(int_data=int_data, scale=scale, shape=size, dtype=kwargs.get("dtype") or w.dtype)
 
 
-# ---- ops that make plain tensors (optimizer state, out-of-place math) ------------------------
-@Int8QTLinearWeight.implements([aten.zeros_like.default, aten.empty_like.default, aten.ones_like.default])
-def _like(func, types, args, kwargs):
-    w = args[0]
-    kwargs = {**kwargs, "dtype": kwargs.get("dtype") or w.dtype, "device": kwargs.get("device") or w.device}
-    kwargs.pop("memory_format", None)
-    return func(torch.empty(w.shape, dtype=kwargs["dtype"], device=kwargs["device"]), *args[1:], **kwargs)
-
-
-# Out-of-place arithmetic dequantizes and returns a plain tensor: it is how optimizers read a
-# weight (e.g. `grad.add(param, alpha=weight_decay)`), and the result is not a weight.
-DEQUANTIZING_OPS = [
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar,
-    aten.neg.default, aten.sign.default, aten.abs.default,
-]  # fmt: skip
-
-
-def _unwrap(x):
-    return x.dequantize() if isinstance(x, Int8QTLinearWeight) else x
-
-
-@Int8QTLinearWeight.implements(DEQUANTIZING_OPS)
-def _dequantizing(func, types, args, kwargs):
-    return func(*map(_unwrap, args), **kwargs)
-
-
-# In-place math is the update path of torch's optimizers: dequantize, apply, requantize (SR).
-REQUANTIZING_INPLACE_OPS = [
-    aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor,
-    aten.addcdiv_.default, aten.addcmul_.default, aten.lerp_.Scalar, aten.lerp_.Tensor,
-]  # fmt: skip
-
-
-@Int8QTLinearWeight.implements(REQUANTIZING_INPLACE_OPS)
-def _inplace(func, types, args, kwargs):
-    w = args[0]
-    if not isinstance(w, Int8QTLinearWeight):
-        raise NotImplementedError(unsupported_op_message(Int8QTLinearWeight, func) + " (with a quantized operand)")
-    value = w.dequantize(torch.float32)
-    func(value, *map(_unwrap, args[1:]), **kwargs)
-    w.requantize_(value)
-    return w
-
-
-# torch's optimizers with foreach=True (their default for CUDA and DTensor params) send the
-# list form of the same math: apply it tensor by tensor, so each quantized one takes the path above.
-FOREACH_OPS = [
-    aten._foreach_add_.Scalar, aten._foreach_add_.List, aten._foreach_add_.Tensor, aten._foreach_add_.ScalarList,
-    aten._foreach_sub_.Scalar, aten._foreach_sub_.List, aten._foreach_sub_.ScalarList,
-    aten._foreach_mul_.Scalar, aten._foreach_mul_.List, aten._foreach_mul_.Tensor, aten._foreach_mul_.ScalarList,
-    aten._foreach_div_.Scalar, aten._foreach_div_.List, aten._foreach_div_.ScalarList,
-    aten._foreach_addcdiv_.Scalar, aten._foreach_addcdiv_.ScalarList, aten._foreach_addcdiv_.Tensor,
-    aten._foreach_addcmul_.Scalar, aten._foreach_addcmul_.ScalarList, aten._foreach_addcmul_.Tensor,
-    aten._foreach_lerp_.Scalar, aten._foreach_lerp_.List, aten._foreach_copy_.default,
-    aten._foreach_add.Scalar, aten._foreach_add.List, aten._foreach_mul.Scalar, aten._foreach_mul.List,
-    aten._foreach_sub.List, aten._foreach_neg.default,
-]  # fmt: skip
-
-
-@Int8QTLinearWeight.implements(FOREACH_OPS)
-def _foreach(func, types, args, kwargs):
-    name = func.overloadpacket.__name__.removeprefix("_foreach_")  # e.g. "addcdiv_"
-    tensors, rest = args[0], args[1:]
-    n = len(tensors)
-
-    def nth(a, i):
-        # A per-tensor list (or a list of scalars) gives its i-th entry; anything else is shared.
-        return a[i] if isinstance(a, (list, tuple)) and len(a) == n else a
-
-    out = []
-    for i, t in enumerate(tensors):
-        a, kw = [nth(x, i) for x in rest], {k: nth(v, i) for k, v in kwargs.items()}
-        if name in ("addcdiv_", "addcmul_") and len(a) == 3:  # per-tensor values, a list or a [n] tensor
-            value = a.pop()
-            kw["value"] = value[i].item() if isinstance(value, Tensor) else value
-        out.append(getattr(t, name)(*a, **kw))
-    return None if name.endswith("_") else out
+# ---- math: out-of-place reads the value, in-place requantizes with SR (see quantframe.tensor) --
+Int8QTLinearWeight.implements(DEQUANTIZING_OPS)(dequantizing_op)
+Int8QTLinearWeight.implements(REQUANTIZING_INPLACE_OPS)(requantizing_inplace_op)
+Int8QTLinearWeight.implements(FOREACH_OPS)(foreach_op)
 
 
 @Int8QTLinearWeight.implements([aten.copy_.default])

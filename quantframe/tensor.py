@@ -27,7 +27,16 @@ aten = torch.ops.aten
 
 Handler = Callable[[Any, tuple, tuple, dict], Any]
 
-__all__ = ["QuantTensor", "unsupported_op_message"]
+__all__ = [
+    "QuantTensor",
+    "unsupported_op_message",
+    "DEQUANTIZING_OPS",
+    "REQUANTIZING_INPLACE_OPS",
+    "FOREACH_OPS",
+    "dequantizing_op",
+    "requantizing_inplace_op",
+    "foreach_op",
+]
 
 
 def _op_name(op: Any) -> str:
@@ -154,6 +163,10 @@ class QuantTensor(Tensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement dequantize()")
 
+    def requantize_(self, value: Tensor) -> QuantTensor:
+        """Write a float ``value`` of this shape into this tensor (the write-back of in-place math)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support in-place updates (requantize_)")
+
     def _inner_repr(self) -> str:
         parts = [f"{n}={t.dtype}{list(t.shape)}" for n, t in self._inner_tensors()]
         parts += [f"{n}={getattr(self, n)!r}" for n in self.attr_names]
@@ -213,3 +226,82 @@ def _compatible_shallow_copy(func, types, args, kwargs):
     # nn.Module._apply asks this before `param.data = new`; a wrapper subclass cannot swap
     # its data that way, so say no and let it swap the Parameter instead.
     return False
+
+
+@QuantTensor.implements([aten.zeros_like.default, aten.empty_like.default, aten.ones_like.default])
+def _like(func, types, args, kwargs):
+    # A new tensor shaped like a quantized one (optimizer state) is a plain tensor of its outer dtype.
+    w = args[0]
+    kwargs = {**kwargs, "dtype": kwargs.get("dtype") or w.dtype, "device": kwargs.get("device") or w.device}
+    kwargs.pop("memory_format", None)
+    return func(torch.empty(w.shape, dtype=kwargs["dtype"], device=kwargs["device"]), *args[1:], **kwargs)
+
+
+# ---- math ops: named sets a scheme opts into with @Cls.implements(SET)(handler) -------------
+# Out-of-place arithmetic reads the value and returns a plain tensor: it is how optimizers read a
+# weight or a state (`grad.add(param, alpha=wd)`, `exp_avg_sq.sqrt()`); the result is not quantized.
+DEQUANTIZING_OPS = [
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+    aten.neg.default, aten.sign.default, aten.abs.default, aten.sqrt.default, aten.maximum.default,
+]  # fmt: skip
+
+# In-place arithmetic is the update path of torch's optimizers: dequantize, apply in fp32, write
+# back with the destination's ``requantize_`` (one rounding per op).
+REQUANTIZING_INPLACE_OPS = [
+    aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor, aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor,
+    aten.addcdiv_.default, aten.addcmul_.default, aten.lerp_.Scalar, aten.lerp_.Tensor,
+]  # fmt: skip
+
+# torch's optimizers with foreach=True (their default for CUDA and DTensor params) send the list
+# form of the same math: it is applied tensor by tensor, so each quantized one takes the path above.
+FOREACH_OPS = [
+    aten._foreach_add_.Scalar, aten._foreach_add_.List, aten._foreach_add_.Tensor, aten._foreach_add_.ScalarList,
+    aten._foreach_sub_.Scalar, aten._foreach_sub_.List, aten._foreach_sub_.ScalarList,
+    aten._foreach_mul_.Scalar, aten._foreach_mul_.List, aten._foreach_mul_.Tensor, aten._foreach_mul_.ScalarList,
+    aten._foreach_div_.Scalar, aten._foreach_div_.List, aten._foreach_div_.ScalarList,
+    aten._foreach_addcdiv_.Scalar, aten._foreach_addcdiv_.ScalarList, aten._foreach_addcdiv_.Tensor,
+    aten._foreach_addcmul_.Scalar, aten._foreach_addcmul_.ScalarList, aten._foreach_addcmul_.Tensor,
+    aten._foreach_lerp_.Scalar, aten._foreach_lerp_.List, aten._foreach_copy_.default,
+    aten._foreach_add.Scalar, aten._foreach_add.List, aten._foreach_mul.Scalar, aten._foreach_mul.List,
+    aten._foreach_sub.List, aten._foreach_neg.default,
+]  # fmt: skip
+
+
+def _value(x: Any) -> Any:
+    return x.dequantize() if isinstance(x, QuantTensor) else x
+
+
+def dequantizing_op(func, types, args, kwargs):
+    """Handler for DEQUANTIZING_OPS: the op on the dequantized operands, a plain result."""
+    return func(*map(_value, args), **{k: _value(v) for k, v in kwargs.items()})
+
+
+def requantizing_inplace_op(func, types, args, kwargs):
+    """Handler for REQUANTIZING_INPLACE_OPS: fp32 math on the value, then ``requantize_``."""
+    dst, operands = args[0], list(map(_value, args[1:]))
+    if not isinstance(dst, QuantTensor):  # a plain tensor updated with a quantized operand
+        return func(dst, *operands, **kwargs)
+    value = dst.dequantize(torch.float32)
+    func(value, *operands, **kwargs)
+    dst.requantize_(value)
+    return dst
+
+
+def foreach_op(func, types, args, kwargs):
+    """Handler for FOREACH_OPS: the per-tensor op on each tensor of the list."""
+    name = func.overloadpacket.__name__.removeprefix("_foreach_")  # e.g. "addcdiv_"
+    tensors, rest = args[0], args[1:]
+    n = len(tensors)
+
+    def nth(a, i):
+        # A per-tensor list (or a list of scalars) gives its i-th entry; anything else is shared.
+        return a[i] if isinstance(a, (list, tuple)) and len(a) == n else a
+
+    out = []
+    for i, t in enumerate(tensors):
+        a, kw = [nth(x, i) for x in rest], {k: nth(v, i) for k, v in kwargs.items()}
+        if name in ("addcdiv_", "addcmul_") and len(a) == 3:  # per-tensor values, a list or a [n] tensor
+            value = a.pop()
+            kw["value"] = value[i].item() if isinstance(value, Tensor) else value
+        out.append(getattr(t, name)(*a, **kw))
+    return None if name.endswith("_") else out

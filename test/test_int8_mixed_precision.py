@@ -436,6 +436,7 @@ aten._to_copy.default
 aten._unsafe_view.default
 aten.abs.default
 aten.add.Tensor
+aten.add_.Scalar
 aten.add_.Tensor
 aten.addcdiv_.default
 aten.addcmul_.default
@@ -445,12 +446,14 @@ aten.cat.default
 aten.clone.default
 aten.copy_.default
 aten.detach.default
+aten.div.Scalar
 aten.div.Tensor
 aten.div_.Tensor
 aten.empty_like.default
 aten.is_pinned.default
 aten.lerp_.Scalar
 aten.lerp_.Tensor
+aten.maximum.default
 aten.mul.Scalar
 aten.mul.Tensor
 aten.mul_.Scalar
@@ -462,6 +465,7 @@ aten.reshape.default
 aten.sign.default
 aten.slice.Tensor
 aten.split.Tensor
+aten.sqrt.default
 aten.sub.Tensor
 aten.sub_.Tensor
 aten.view.default

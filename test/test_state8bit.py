@@ -261,6 +261,8 @@ aten.copy_.default
 aten.detach.default
 aten.div.Scalar
 aten.div.Tensor
+aten.div_.Tensor
+aten.empty_like.default
 aten.is_pinned.default
 aten.lerp_.Scalar
 aten.lerp_.Tensor
@@ -270,9 +272,13 @@ aten.mul.Tensor
 aten.mul_.Scalar
 aten.mul_.Tensor
 aten.neg.default
+aten.ones_like.default
 aten.reshape.default
+aten.sign.default
 aten.slice.Tensor
 aten.sqrt.default
 aten.sub.Tensor
+aten.sub_.Tensor
 aten.view.default
+aten.zeros_like.default
 torch._VariableFunctionsClass._has_compatible_shallow_copy_type""")

@@ -59,7 +59,7 @@ def test_missing_op_message_lists_supported_ops():
         torch.exp(halves())
     assert_expected_inline(
         str(e.value),
-        """Halves does not support aten.exp.default; supported: aten._pin_memory.default, aten._to_copy.default, aten.alias.default, aten.clone.default, aten.detach.default, aten.is_pinned.default, torch._C._nn.linear, torch._VariableFunctionsClass._has_compatible_shallow_copy_type""",
+        """Halves does not support aten.exp.default; supported: aten._pin_memory.default, aten._to_copy.default, aten.alias.default, aten.clone.default, aten.detach.default, aten.empty_like.default, aten.is_pinned.default, aten.ones_like.default, aten.zeros_like.default, torch._C._nn.linear, torch._VariableFunctionsClass._has_compatible_shallow_copy_type""",
     )
 
 

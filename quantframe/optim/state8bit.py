@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from quantframe.tensor import QuantTensor
+from quantframe.tensor import (
+    DEQUANTIZING_OPS,
+    REQUANTIZING_INPLACE_OPS,
+    QuantTensor,
+    dequantizing_op,
+    requantizing_inplace_op,
+)
 
 if torch.distributed.is_available():
     # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
@@ -150,6 +156,11 @@ class OptimState8bit(QuantTensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_8bit(self.codes, self.scale, self.qmap).to(dtype or self.dtype)
 
+    def requantize_(self, value: Tensor) -> OptimState8bit:
+        """Quantize a float ``value`` of this shape into this state, in place (keeps its map)."""
+        _assign(self, value)
+        return self
+
 
 # ---- views: the codes keep their flat order, so blocks survive any reshape ----------------------
 @OptimState8bit.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
@@ -207,40 +218,12 @@ def _copy(func, types, args, kwargs):
     return dst
 
 
-def _unwrap(x):
-    return x.dequantize(torch.float32) if isinstance(x, OptimState8bit) else x
-
-
 # The in-place math of torch's Adam/AdamW on their moments (lerp_, mul_, addcmul_...): fp32 on the
-# dequantized state, one re-quantization per op. With a plain tensor written to and a state as an
-# operand (`param.addcdiv_(exp_avg, denom)`), the state is read as its fp32 value.
-REQUANTIZING_INPLACE_OPS = [
-    aten.lerp_.Scalar, aten.lerp_.Tensor, aten.mul_.Scalar, aten.mul_.Tensor, aten.addcmul_.default,
-    aten.addcdiv_.default, aten.add_.Tensor, aten.add_.Scalar,
-]  # fmt: skip
-
-
-@OptimState8bit.implements(REQUANTIZING_INPLACE_OPS)
-def _inplace(func, types, args, kwargs):
-    dst = args[0]
-    if not isinstance(dst, OptimState8bit):  # a plain tensor updated with a state operand
-        return func(dst, *map(_unwrap, args[1:]), **kwargs)
-    value = dst.dequantize(torch.float32)
-    func(value, *map(_unwrap, args[1:]), **kwargs)
-    _assign(dst, value)
-    return dst
-
-
-# Reading a state for math gives a plain fp32 tensor (e.g. `exp_avg_sq.sqrt()` in torch's AdamW).
-DEQUANTIZING_OPS = [
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
-    aten.sqrt.default, aten.neg.default, aten.abs.default, aten.maximum.default,
-]  # fmt: skip
-
-
-@OptimState8bit.implements(DEQUANTIZING_OPS)
-def _dequantizing(func, types, args, kwargs):
-    return func(*map(_unwrap, args), **kwargs)
+# dequantized state, one re-quantization per op; with a plain tensor written to and a state as an
+# operand (`param.addcdiv_(exp_avg, denom)`), the state is read as its value. Reading a state for
+# out-of-place math (`exp_avg_sq.sqrt()`) gives a plain fp32 tensor.
+OptimState8bit.implements(REQUANTIZING_INPLACE_OPS)(requantizing_inplace_op)
+OptimState8bit.implements(DEQUANTIZING_OPS)(dequantizing_op)
 
 
 # ---- collectives (DTensor.full_tensor) -----------------------------------------------------------
