@@ -41,6 +41,7 @@ _FLAGS = {
     "--batch-size": ("batch_size", int, "B", "sequences per step"),
     "--lr": ("lr", float, "LR", "peak learning rate (linear warmup, then cosine decay to lr/10)"),
     "--seed": ("seed", int, "N", "seed for init, batches and stochastic rounding"),
+    "--optim": ("optim", str, "NAME", "adamw (fp32 moments) or adamw8bit (8-bit moments)"),
     "--device": ("device", str, "DEV", "cpu, cuda, cuda:N, or auto (cuda if available)"),
     "--threads": ("threads", int, "N", "CPU threads (0: torch's default; 1 can be faster on a busy machine)"),
     "--dim": ("dim", int, "D", "model width"),

@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from quantframe.api import QuantConfig, quantize_, summary
 from quantframe.int8_training import int8_weight_only_quantized_training
-from quantframe.optim import AdamW
+from quantframe.int8_mixed_precision import int8_mixed_precision_training
+from quantframe.optim import AdamW, AdamW8bit
 from quantframe.tensor import QuantTensor
 
 __all__ = [
-    "SCHEMES", "TrainConfig", "TrainResult", "ByteLM", "ByteData", "load_stdlib_bytes", "quantize_filter",
+    "SCHEMES", "OPTIMIZERS", "TrainConfig", "TrainResult", "ByteLM", "ByteData", "load_stdlib_bytes", "quantize_filter",
     "get_lr", "lm_loss", "estimate_loss", "weight_bytes", "setup", "train",
 ]  # fmt: skip
 
@@ -43,7 +44,12 @@ VOCAB = 256  # byte-level: every byte is a token, no tokenizer to ship
 SCHEMES: dict[str, Callable[[], QuantConfig | None]] = {
     "none": lambda: None,
     "int8-qt": int8_weight_only_quantized_training,
+    "int8-mp": int8_mixed_precision_training,  # INT8 matmuls, float weights
+    "int8-mp-w8": lambda: int8_mixed_precision_training(int8_weights=True),  # INT8 matmuls and weights
 }
+
+# Optimizer name -> class; both do fp32 math (AdamW8bit keeps its moments in 8 bits).
+OPTIMIZERS = {"adamw": AdamW, "adamw8bit": AdamW8bit}
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class TrainConfig:
     seed: int = 0  # model init, batch sampling and stochastic rounding
     # what to compare
     quantize: str = "int8-qt"  # a key of SCHEMES; "none" trains dense fp32
+    optim: str = "adamw"  # a key of OPTIMIZERS
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int = 0  # CPU intra-op threads for this run; 0: torch's default (one per core)
     # evaluation and output
@@ -78,6 +85,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.quantize not in SCHEMES:
             raise ValueError(f"TrainConfig: quantize={self.quantize!r} is not a scheme; valid: {', '.join(SCHEMES)}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optim={self.optim!r} is not an optimizer; valid: {', '.join(OPTIMIZERS)}")
         positive = ("dim", "n_layers", "n_heads", "seq_len", "data_bytes", "batch_size", "steps", "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
@@ -310,8 +319,9 @@ def _sync(device: torch.device) -> None:
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train ``ByteLM`` as ``cfg`` says and report losses, speed and memory.
 
-    Every scheme uses ``quantframe.optim.AdamW`` (for quantized weights: one dequantize, fp32
-    update, one stochastic-rounding requantize per step), so runs differ only in the weights.
+    Every scheme uses the same optimizer, ``cfg.optim`` (default ``quantframe.optim.AdamW``: for
+    quantized weights one dequantize, fp32 update, one stochastic-rounding requantize per step), so
+    runs differ only in the weights.
     """
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -340,7 +350,7 @@ def setup(cfg: TrainConfig) -> tuple[torch.device, ByteData, ByteLM, AdamW]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return device, data, model, AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    return device, data, model, OPTIMIZERS[cfg.optim](groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def _train(cfg: TrainConfig, progress: bool) -> TrainResult:

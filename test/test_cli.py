@@ -47,3 +47,11 @@ def test_quantize_and_compare_are_exclusive(capsys):
         main(["train", "--quantize", "none", "--compare", "none,int8-qt"])
     assert exc.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_optim_flag_picks_adamw8bit_and_rejects_unknown(tmp_path, capsys):
+    main(["train", *TINY, "--quantize", "int8-mp-w8", "--optim", "adamw8bit", "--no-plot", "--out", str(tmp_path)])
+    assert "int8-mp-w8" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--optim", "sgd"])
+    assert e.value.code == 2 and "valid: adamw, adamw8bit" in capsys.readouterr().err
