@@ -4,6 +4,17 @@
     quantize_(model, int8_weight_only_quantized_training())
 """
 
+from quantframe.affine import (
+    AffineQuantizedTensor,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    int4_weight_only,
+    int8_dynamic_activation_int8_weight,
+    int8_weight_only,
+    intx_weight_only,
+)
 from quantframe.api import QuantConfig, SkipModule, quantize_, register_quantize_handler, summary
 from quantframe.int8_mixed_precision import (
     Int8MixedPrecisionLinearWeight,
@@ -16,6 +27,7 @@ from quantframe.int8_training import (
     Int8WeightOnlyQuantizedTrainingConfig,
     int8_weight_only_quantized_training,
 )
+from quantframe.nf4 import NF4Tensor, NF4WeightOnlyConfig, nf4_weight_only
 from quantframe.tensor import QuantTensor
 
 __version__ = "0.1.0"
@@ -34,4 +46,16 @@ __all__ = [
     "Int8MixedPrecisionQTLinearWeight",
     "Int8MixedPrecisionTrainingConfig",
     "int8_mixed_precision_training",
+    "NF4Tensor",
+    "NF4WeightOnlyConfig",
+    "nf4_weight_only",
+    "AffineQuantizedTensor",
+    "Int8WeightOnlyConfig",
+    "Int4WeightOnlyConfig",
+    "IntxWeightOnlyConfig",
+    "Int8DynamicActivationInt8WeightConfig",
+    "int8_weight_only",
+    "int4_weight_only",
+    "intx_weight_only",
+    "int8_dynamic_activation_int8_weight",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,13 @@ __all__ = ["QuantConfig", "SkipModule", "register_quantize_handler", "quantize_"
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Base of every config; subclasses are frozen dataclasses made by lower-case factories."""
+    """Base of every config; subclasses are frozen dataclasses made by lower-case factories.
+
+    A scheme whose weights never train (an inference format, a frozen QLoRA base) sets the class
+    attribute ``frozen = True``: ``quantize_`` then gives the new weight ``requires_grad=False``.
+    """
+
+    frozen: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -64,7 +71,7 @@ def quantize_(
 
     Every module that ``filter_fn(module, fqn)`` selects (default: every ``nn.Linear``) gets its
     ``weight`` replaced by an ``nn.Parameter`` holding the quantized tensor, with the same
-    ``requires_grad``. Tied weights (one Parameter shared by several modules) stay tied: when
+    ``requires_grad`` (``False`` for a config with ``frozen = True``). Tied weights (one Parameter shared by several modules) stay tied: when
     all holders are selected they share one quantized Parameter; when one is not (e.g. an
     ``nn.Embedding`` tied to the output head), the weight is left dense and reported. Modules
     whose shape the scheme cannot take are skipped; one log line (logger ``"quantframe"``) says
@@ -131,7 +138,7 @@ def quantize_(
         except SkipModule as why:
             skipped[fqn] = str(why)
             continue
-        param = nn.Parameter(new, requires_grad=weight.requires_grad)
+        param = nn.Parameter(new, requires_grad=weight.requires_grad and not config.frozen)
         module.weight = param
         swapped[id(weight)] = param
         done.append(fqn)

@@ -31,6 +31,10 @@ __all__ = [
     "dequantize_rowwise_int8",
     "stochastic_round",
     "fp32_to_bf16_stochastic",
+    "pack_bits",
+    "unpack_bits",
+    "pack_int4",
+    "unpack_int4",
 ]
 
 
@@ -162,3 +166,77 @@ def fp32_to_bf16_stochastic(x: Tensor, generator: torch.Generator | None = None)
     trunc = bits & -65536  # 0xFFFF0000 as a signed int32
     bits = torch.where(r < low, trunc + 0x10000, trunc)
     return bits.view(torch.float32).to(torch.bfloat16)
+
+
+# ---- bit packing (low-bit weights) ------------------------------------------------------------
+# Codes are unsigned (``0 .. 2**bits - 1``) and packed along the last dim, first element in the
+# lowest bits:
+#
+# * 4 bits: 2 codes per byte, ``byte = q[2i] | q[2i + 1] << 4`` (q[2i] in the low nibble);
+# * 2 bits: 4 codes per byte, ``byte = q[4i] | q[4i + 1] << 2 | q[4i + 2] << 4 | q[4i + 3] << 6``;
+# * 3 bits: 8 codes in 3 bytes: the 24-bit little-endian word ``sum(q[8i + j] << 3j, j < 8)``
+#   is stored as bytes ``(word & 255, word >> 8 & 255, word >> 16)``.
+#
+# The shifts run in int32 (uint8 shifts are not supported everywhere torch.compile lowers to).
+_PACK_GROUP = {2: (4, 1), 3: (8, 3), 4: (2, 1)}  # bits -> (codes, bytes) per packed unit
+
+
+def _check_pack(q: Tensor, bits: int, who: str) -> tuple[int, int]:
+    if bits not in _PACK_GROUP:
+        raise ValueError(f"{who}: bits={bits} is not supported; expected one of {sorted(_PACK_GROUP)}")
+    if q.dtype != torch.uint8:
+        raise TypeError(f"{who}: expected uint8 codes, got {q.dtype}")
+    if q.dim() == 0:
+        raise ValueError(f"{who}: expected a tensor with at least one dim, got a scalar")
+    return _PACK_GROUP[bits]
+
+
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes ``q [..., K]`` (values ``0 .. 2**bits - 1``) into uint8 ``[..., K * bits // 8]``.
+
+    ``bits`` is 2, 3 or 4; ``K`` must be a multiple of 4, 8 or 2 respectively. Layout: see above
+    (first element in the lowest bits). Raises ``ValueError`` for other bits, a ``K`` that does
+    not divide, or codes out of range; ``TypeError`` for a dtype other than uint8.
+    """
+    per, nbytes = _check_pack(q, bits, "pack_bits")
+    k = q.shape[-1]
+    if k % per:
+        raise ValueError(f"pack_bits: last dim {k} must be a multiple of {per} for {bits}-bit packing")
+    if q.numel() and int(q.max()) >= 2**bits:  # not traced in practice: packing happens at quantize time
+        raise ValueError(f"pack_bits: codes must be in [0, {2**bits - 1}], got max {int(q.max())}")
+    units = q.reshape(*q.shape[:-1], k // per, per).to(torch.int32)
+    shifts = torch.arange(per, device=q.device, dtype=torch.int32) * bits
+    word = (units << shifts).sum(-1, dtype=torch.int32)  # disjoint bit fields: sum == bitwise or
+    if nbytes == 1:
+        return word.to(torch.uint8)
+    byte_shifts = torch.arange(nbytes, device=q.device, dtype=torch.int32) * 8
+    return ((word.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(*q.shape[:-1], k * bits // 8)
+
+
+def unpack_bits(p: Tensor, bits: int, k: int | None = None) -> Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``p [..., K * bits // 8]`` -> uint8 codes ``[..., K]``.
+
+    ``k`` (optional) is checked against the unpacked length.
+    """
+    per, nbytes = _check_pack(p, bits, "unpack_bits")
+    if p.shape[-1] % nbytes:
+        raise ValueError(f"unpack_bits: last dim {p.shape[-1]} must be a multiple of {nbytes} for {bits}-bit codes")
+    n_units = p.shape[-1] // nbytes
+    if k is not None and k != n_units * per:
+        raise ValueError(f"unpack_bits: k={k} does not match {p.shape[-1]} packed bytes of {bits}-bit codes")
+    units = p.reshape(*p.shape[:-1], n_units, nbytes).to(torch.int32)
+    byte_shifts = torch.arange(nbytes, device=p.device, dtype=torch.int32) * 8
+    word = (units << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(per, device=p.device, dtype=torch.int32) * bits
+    codes = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.to(torch.uint8).reshape(*p.shape[:-1], n_units * per)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 codes ``q [..., K]`` in ``0..15`` -> uint8 ``[..., K // 2]``; ``q[..., 2i]`` in the low nibble."""
+    return pack_bits(q, 4)
+
+
+def unpack_int4(p: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``[..., K // 2]`` -> uint8 codes ``[..., K]`` in ``0..15``."""
+    return unpack_bits(p, 4)
