@@ -27,6 +27,7 @@ from quantframe.int8_training import (
     Int8WeightOnlyQuantizedTrainingConfig,
     int8_weight_only_quantized_training,
 )
+from quantframe.nn import DoRAConfig, DoRALinear, apply_adapters_, dora, lora, merge_adapters_
 from quantframe.nf4 import NF4Tensor, NF4WeightOnlyConfig, nf4_weight_only
 from quantframe.tensor import QuantTensor
 
@@ -58,4 +59,10 @@ __all__ = [
     "int4_weight_only",
     "intx_weight_only",
     "int8_dynamic_activation_int8_weight",
+    "DoRAConfig",
+    "DoRALinear",
+    "dora",
+    "lora",
+    "apply_adapters_",
+    "merge_adapters_",
 ]

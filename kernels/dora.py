@@ -1,0 +1,140 @@
+"""DoRA column norm: ``norm = ||W + s * B @ A||_2`` per output row and ``scale = m / norm``.
+
+DoRA needs the row norms of ``W + s B A`` (``W [N, K]``, ``B [N, r]``, ``A [r, K]``, r <= 64) every
+step. Unfused, that writes and re-reads the ``[N, K]`` product ``B @ A`` (as big as the weight);
+the kernel instead forms each ``[BLOCK_N, BLOCK_K]`` tile of ``B @ A`` in registers (a small-K
+``tl.dot``), adds the base tile, accumulates squares in fp32, and writes only ``[N]`` vectors.
+The base comes in dense (the caller dequantizes it); reading NF4/int codes directly is left to a
+later flag.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import use_triton
+
+__all__ = ["dora_column_norm", "dora_column_norm_reference", "dora_column_norm_triton"]
+
+_MAX_RANK = 64  # B @ A tiles keep all r columns of B in registers
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_args(w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor) -> None:
+    if w.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2 or magnitude.dim() != 1:
+        raise ValueError(
+            f"dora_column_norm: expected w [N, K], lora_A [r, K], lora_B [N, r], magnitude [N], got shapes "
+            f"{tuple(w.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}, {tuple(magnitude.shape)}"
+        )
+    (n, k), r = w.shape, lora_A.shape[0]
+    if lora_A.shape != (r, k) or lora_B.shape != (n, r) or magnitude.shape != (n,):
+        raise ValueError(
+            f"dora_column_norm: shapes do not agree: w {tuple(w.shape)}, lora_A {tuple(lora_A.shape)}, "
+            f"lora_B {tuple(lora_B.shape)}, magnitude {tuple(magnitude.shape)}"
+        )
+    for name, t in (("w", w), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dora_column_norm: {name}.dtype={t.dtype}, expected a float dtype")
+
+
+def dora_column_norm_reference(
+    w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """``(norm, scale)``, both ``[N]``: ``norm = ||w + scaling * lora_B @ lora_A||_2`` per row, ``scale = magnitude / norm``.
+
+    ``w`` ``[N, K]``, ``lora_A`` ``[r, K]``, ``lora_B`` ``[N, r]``, ``magnitude`` ``[N]``, any float
+    dtypes; math and results in fp32 (fp64 if ``w`` is fp64). No gradient flows (DoRA's norm is a
+    constant for autograd). Raises ``ValueError`` for shapes that do not agree, ``TypeError`` for
+    non-float inputs.
+    """
+    _check_args(w, lora_A, lora_B, magnitude)
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        v = w.to(acc) + scaling * (lora_B.detach().to(acc) @ lora_A.detach().to(acc))
+        norm = torch.linalg.vector_norm(v, dim=1)
+        return norm, magnitude.detach().to(acc) / norm
+
+
+@triton.jit
+def _dora_column_norm_kernel(
+    w_ptr,  # [N, K] float, contiguous
+    a_ptr,  # [R, K] float, contiguous
+    b_ptr,  # [N, R] float, contiguous
+    m_ptr,  # [N] float
+    norm_ptr,  # [N] float32 out
+    scale_ptr,  # [N] float32 out
+    N,
+    K,
+    R,
+    scaling,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)  # rows * K can pass 2**31 for large weights
+    ranks = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    # B's rows stay in registers for the whole K loop: [BLOCK_N, BLOCK_R], zero-padded past R
+    b = tl.load(b_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
+    b = b.to(tl.float32)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        col_ok = cols < K
+        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0)
+        # ieee: tf32 would cost ~3 decimal digits of the norm; the GEMM is tiny (K = r) anyway
+        ba = tl.dot(b, a.to(tl.float32), input_precision="ieee")  # [BLOCK_N, BLOCK_K], never stored
+        w = tl.load(w_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        v = w.to(tl.float32) + scaling * ba
+        sq += tl.sum(v * v, axis=1)
+    norm = tl.sqrt(sq)
+    m = tl.load(m_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
+    tl.store(norm_ptr + rows, norm, mask=row_ok)
+    tl.store(scale_ptr + rows, m / tl.where(row_ok, norm, 1.0), mask=row_ok)  # no 0/0 in padding rows
+
+
+@triton_op("quantframe::dora_column_norm", mutates_args=())
+def _dora_column_norm_op(w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Contiguous inputs, already checked by :func:`dora_column_norm_triton`."""
+    (n, k), r = w.shape, lora_A.shape[0]
+    norm = torch.empty((n,), dtype=torch.float32, device=w.device)
+    scale = torch.empty((n,), dtype=torch.float32, device=w.device)
+    if n == 0:
+        return norm, scale
+    block_n, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
+    wrap_triton(_dora_column_norm_kernel)[(triton.cdiv(n, block_n),)](
+        w, lora_A, lora_B, magnitude, norm, scale, n, k, r, scaling,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs >= 16
+    )  # fmt: skip
+    return norm, scale
+
+
+def dora_column_norm_triton(
+    w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`dora_column_norm_reference` (fp32 results; fp64 inputs are not taken)."""
+    _check_args(w, lora_A, lora_B, magnitude)
+    if w.dtype == torch.float64:
+        raise TypeError("dora_column_norm_triton: float64 is reference-only")
+    r = lora_A.shape[0]
+    if r > _MAX_RANK:
+        raise ValueError(f"dora_column_norm_triton: rank={r} must be <= {_MAX_RANK}")
+    return torch.ops.quantframe.dora_column_norm(
+        *(t.detach().contiguous() for t in (w, lora_A, lora_B, magnitude)), float(scaling)
+    )
+
+
+def dora_column_norm(
+    w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """``(norm, scale)`` of :func:`dora_column_norm_reference`: Triton for CUDA tensors with
+    rank <= 64 that are not fp64, else the reference."""
+    if use_triton(w) and lora_A.shape[0] <= _MAX_RANK and w.dtype != torch.float64:
+        return dora_column_norm_triton(w, lora_A, lora_B, magnitude, scaling)
+    return dora_column_norm_reference(w, lora_A, lora_B, magnitude, scaling)
