@@ -16,6 +16,7 @@ from quantframe.affine import (
     intx_weight_only,
 )
 from quantframe.api import QuantConfig, SkipModule, quantize_, register_quantize_handler, summary
+from quantframe.gptq import GPTQLinearWeight, from_gptq, load_gptq_linear_, to_gptq
 from quantframe.int8_mixed_precision import (
     Int8MixedPrecisionLinearWeight,
     Int8MixedPrecisionQTLinearWeight,
@@ -27,6 +28,7 @@ from quantframe.int8_training import (
     Int8WeightOnlyQuantizedTrainingConfig,
     int8_weight_only_quantized_training,
 )
+from quantframe.llm_int8 import LLMInt8Config, LLMInt8Weight, llm_int8
 from quantframe.nn import DoRAConfig, DoRALinear, apply_adapters_, dora, lora, merge_adapters_
 from quantframe.nf4 import NF4Tensor, NF4WeightOnlyConfig, nf4_weight_only
 from quantframe.tensor import QuantTensor
@@ -65,4 +67,11 @@ __all__ = [
     "lora",
     "apply_adapters_",
     "merge_adapters_",
+    "GPTQLinearWeight",
+    "from_gptq",
+    "to_gptq",
+    "load_gptq_linear_",
+    "LLMInt8Weight",
+    "LLMInt8Config",
+    "llm_int8",
 ]

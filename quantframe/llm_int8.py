@@ -1,0 +1,201 @@
+"""LLM.int8() (bitsandbytes' ``Linear8bitLt``): ``LLMInt8Weight`` and ``llm_int8(threshold)``.
+
+The weight is symmetric int8 with one fp32 scale per output row (absmax / 127). ``F.linear`` splits
+the input's features (columns of ``x [M, K]``) in two:
+
+* outlier columns, where any ``|x[m, k]| > threshold``: ``x[:, outl] @ dequant(W)[:, outl].T`` in
+  fp32 (bitsandbytes does this part in fp16);
+* the rest: ``x`` quantized per row to int8 *with the outlier columns zeroed* (so they neither
+  count twice nor inflate its absmax), times the int8 weight with the same columns zeroed, on
+  the INT8 x INT8 -> INT32 GEMM (``int8_scaled_mm``), scales applied in its epilogue.
+
+The two are summed in fp32, the bias is added once, and the result is rounded once to x's dtype.
+
+Outlier columns are data dependent. Gathering them (``x[:, outl]``) gives tensors of dynamic
+shape, which ``torch.compile(fullgraph=True)`` cannot trace without graph breaks; so both parts
+are written with the column *mask* instead: the INT8 part takes ``x.masked_fill(outl, 0)`` and
+``qdata.masked_fill(outl, 0)``, the 16-bit part ``x.masked_fill(~outl, 0) @ dequant(W).T`` - the
+same sums (a zeroed column adds exact zeros), static shapes. The cost is a full-K float matmul
+for the outlier part on this reference path; a Triton kernel would gather the few columns.
+
+Gradients: ``grad_input = grad_out @ dequant(W)`` (bitsandbytes' backward); the weight gets
+none (inference / frozen base); the bias, if it requires grad, gets ``grad_out.sum(0)``. An
+empty batch (``M == 0``) returns an empty ``[..., N]`` and zero-size gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from quantframe import primitives as P
+from quantframe.api import QuantConfig, register_quantize_handler
+from quantframe.int8_training import check_weight
+from quantframe.tensor import DEQUANTIZING_OPS, QuantTensor, dequantizing_op
+
+aten = torch.ops.aten
+
+__all__ = ["LLMInt8Config", "LLMInt8Weight", "llm_int8"]
+
+
+def _check_threshold(threshold: object, who: str) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(f"{who}: threshold={threshold!r} must be a number > 0 (math.inf: no outliers)")
+
+
+# ---- config ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LLMInt8Config(QuantConfig):
+    """LLM.int8(): int8 per-row weights, input columns above ``threshold`` in 16-bit."""
+
+    frozen = True  # an inference format: quantize_ gives the weight requires_grad=False
+    threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        _check_threshold(self.threshold, "llm_int8")
+
+
+def llm_int8(threshold: float = 6.0) -> LLMInt8Config:
+    """bitsandbytes' LLM.int8() (``Linear8bitLt(threshold=6.0)``); ``ValueError`` unless threshold > 0.
+
+    Example::
+
+        quantize_(model, llm_int8(threshold=6.0))
+        y = model(x)  # outlier features of x in 16-bit, the rest on the INT8 GEMM
+    """
+    return LLMInt8Config(threshold)
+
+
+# ---- the tensor ----------------------------------------------------------------------------------
+class LLMInt8Weight(QuantTensor):
+    """Logical ``[N, K]`` weight: int8 ``qdata`` ``[N, K]`` in [-127, 127], fp32 ``scale`` ``[N]``.
+
+    Attribute ``threshold`` (float > 0): an input column is an outlier when any of its entries
+    exceeds it in magnitude. Outer dtype: the activation / gradient dtype.
+    """
+
+    tensor_names = ("qdata", "scale")
+    attr_names = ("threshold",)
+
+    @classmethod
+    def from_float(cls, w: Tensor, threshold: float = 6.0) -> LLMInt8Weight:
+        """Per-row absmax int8 of a float ``w [N, K]``; outer dtype = ``w.dtype``.
+
+        Raises ``TypeError`` for a non-float weight, ``ValueError`` for a weight that is not a
+        finite non-empty 2-D tensor or a threshold that is not > 0.
+        """
+        who = f"{cls.__name__}.from_float"
+        _check_threshold(threshold, who)
+        check_weight(w, who)
+        qdata, scale = P.quantize_rowwise_int8(w.detach())
+        return cls(qdata, scale, float(threshold), shape=w.shape, dtype=w.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``qdata * scale[:, None]`` in fp32, cast to ``dtype`` (default: outer dtype)."""
+        return P.dequantize_rowwise_int8(self.qdata, self.scale, dtype or self.dtype)
+
+
+# ---- linear --------------------------------------------------------------------------------------
+def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Tensor:
+    """``x [M, K]`` (M >= 1) @ dequant(W).T with the outlier decomposition -> fp32 ``[M, N]``."""
+    from quantframe.kernels import int8_mm, int8_rowwise  # lazy: `import quantframe` stays triton-free
+
+    outl = (x.abs() > threshold).any(0)  # [K] bool
+    x_q, x_scale = int8_rowwise.quantize_rowwise_int8(x.masked_fill(outl, 0))
+    y = int8_mm.int8_scaled_mm(x_q, qdata.masked_fill(outl, 0), x_scale, scale, None, out_dtype=torch.float32)
+    w = P.dequantize_rowwise_int8(qdata, scale)  # fp32 [N, K]
+    return y + x.float().masked_fill(~outl, 0) @ w.T
+
+
+class _LLMInt8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] == 0:  # bitsandbytes special-cases empty batches too
+            return x.new_empty(*x.shape[:-1], qdata.shape[0])
+        y = llm_int8_mm(x2d, qdata, scale, threshold)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, qdata, scale, bias, _ = inputs
+        ctx.save_for_backward(qdata, scale)
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qdata, scale = ctx.saved_tensors
+        g2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = P.dequantize_rowwise_int8(qdata, scale)
+            grad_x = (g2d.float() @ w).to(ctx.x_dtype).reshape(*grad.shape[:-1], qdata.shape[1])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g2d.sum(0)
+        return grad_x, None, None, grad_bias, None
+
+
+@LLMInt8Weight.implements([F.linear])
+def _linear(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if isinstance(x, LLMInt8Weight) or not x.dtype.is_floating_point:
+        raise TypeError(f"F.linear: the input must be a plain float tensor, got {type(x).__name__} {x.dtype}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"F.linear: input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+    return _LLMInt8Linear.apply(x, w.qdata, w.scale, bias, w.threshold)
+
+
+# ---- views and copies --------------------------------------------------------------------------
+@LLMInt8Weight.implements([aten.slice.Tensor])
+def _slice(func, types, args, kwargs):
+    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    if dim not in (0, -2) or step != 1:
+        raise NotImplementedError(f"LLMInt8Weight: slice supports dim 0 with step 1, got dim={dim}, step={step}")
+    rows = range(w.shape[0])[slice(start, end)]
+    out = w._rebuild(lambda t: t[rows.start : rows.stop], shape=torch.Size((len(rows), w.shape[1])))
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@LLMInt8Weight.implements([aten.view.default, aten._unsafe_view.default])
+def _view(func, types, args, kwargs):
+    w, size = args[0], args[1]
+    if torch.empty(w.shape, device="meta").view(size).shape != w.shape:
+        raise NotImplementedError(f"LLMInt8Weight: view supports the same shape only ({list(w.shape)}), got {list(size)}")
+    return return_and_correct_aliasing(func, args, kwargs, w._rebuild(lambda t: t.view(t.shape)))
+
+
+@LLMInt8Weight.implements([aten.copy_.default])
+def _copy(func, types, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, LLMInt8Weight):
+        return dst.copy_(src.dequantize(dst.dtype))
+    if not isinstance(src, LLMInt8Weight):
+        raise NotImplementedError("LLMInt8Weight: copy_ of a plain tensor is not supported; use LLMInt8Weight.from_float")
+    if src.shape != dst.shape:
+        raise ValueError(f"LLMInt8Weight.copy_: shapes differ: {list(src.shape)} into {list(dst.shape)}")
+    dst.qdata.copy_(src.qdata)
+    dst.scale.copy_(src.scale)
+    dst.threshold = src.threshold
+    return dst
+
+
+LLMInt8Weight.implements(DEQUANTIZING_OPS)(dequantizing_op)
+
+
+# ---- quantize_ handler and safe loading -------------------------------------------------------
+@register_quantize_handler(LLMInt8Config)
+def _quantize_module(module: nn.Module, config: LLMInt8Config) -> Tensor:
+    return LLMInt8Weight.from_float(module.weight, config.threshold)
+
+
+torch.serialization.add_safe_globals([LLMInt8Weight])
