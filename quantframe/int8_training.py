@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe.api import QuantConfig, register_quantize_handler
 from quantframe.primitives import quantize_rowwise_int8
@@ -23,10 +22,12 @@ from quantframe.tensor import (
     DEQUANTIZING_OPS,
     FOREACH_OPS,
     REQUANTIZING_INPLACE_OPS,
+    WINDOW_OPS,
     QuantTensor,
     dequantizing_op,
     foreach_op,
     requantizing_inplace_op,
+    window_op,
 )
 
 if torch.distributed.is_available():
@@ -108,6 +109,22 @@ class Int8QTLinearWeight(QuantTensor):
         rows = self.scale.numel()
         flat = self.int_data.reshape(rows, -1) if rows else self.int_data.reshape(0, 1)
         return (flat.float() * self.scale.view(-1, 1)).view(self.shape).to(dtype or self.dtype)
+
+    window_unit = "row"
+
+    def _window(self, start: int, length: int, shape: torch.Size, op: str) -> Int8QTLinearWeight:
+        """Elements [start, start+length) of the flat data, viewed as ``shape``: whole rows only."""
+        row = self.row_len
+        if start % row or length % row:
+            raise NotImplementedError(
+                f"Int8QTLinearWeight: {op} must select whole rows of {row} elements "
+                f"(got elements [{start}, {start + length})); per-row scales cannot be split"
+            )
+        if not self.int_data.is_contiguous():
+            raise NotImplementedError(f"Int8QTLinearWeight: {op} of a non-contiguous tensor is not supported")
+        int_data = self.int_data.view(-1)[start : start + length].view(shape)
+        scale = self.scale[start // row : (start + length) // row]
+        return self._rebuild(int_data=int_data, scale=scale, shape=int_data.shape)
 
     @torch.no_grad()
     def requantize_(self, value: Tensor, stochastic: bool = True) -> Int8QTLinearWeight:
@@ -191,74 +208,8 @@ def _linear(func, types, args, kwargs):
     return _Int8QTLinear.apply(x, w, bias)
 
 
-# ---- views and FSDP2 sharding: real views on row boundaries ---------------------------------
-def _row_span(w: Int8QTLinearWeight, start: int, length: int, op: str) -> tuple[int, int]:
-    """Element span [start, start+length) of the flat data as a row range, or a clear error."""
-    row = w.row_len
-    if start % row or length % row:
-        raise NotImplementedError(
-            f"Int8QTLinearWeight: {op} must select whole rows of {row} elements "
-            f"(got elements [{start}, {start + length})); per-row scales cannot be split"
-        )
-    return start // row, length // row
-
-
-def _rows_view(w: Int8QTLinearWeight, start: int, length: int, shape, op: str) -> Int8QTLinearWeight:
-    if not w.int_data.is_contiguous():
-        raise NotImplementedError(f"Int8QTLinearWeight: {op} of a non-contiguous tensor is not supported")
-    r0, nr = _row_span(w, start, length, op)
-    int_data = w.int_data.view(-1)[start : start + length].view(shape)
-    return w._rebuild(int_data=int_data, scale=w.scale[r0 : r0 + nr], shape=int_data.shape)
-
-
-@Int8QTLinearWeight.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
-def _view(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    shape = w.int_data.view(-1).view(size).shape  # resolves -1, checks numel
-    return return_and_correct_aliasing(func, args, kwargs, _rows_view(w, 0, w.numel(), shape, "view"))
-
-
-@Int8QTLinearWeight.implements([aten.as_strided.default])
-def _as_strided(func, types, args, kwargs):
-    w, size, stride = args[0], args[1], args[2]
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
-    numel = math.prod(size)
-    if list(stride) != list(torch.empty(size, device="meta").stride()) or offset + numel > w.numel():
-        raise NotImplementedError(
-            f"Int8QTLinearWeight: as_strided supports contiguous row-aligned windows only, got "
-            f"size={list(size)} stride={list(stride)} offset={offset} on shape {list(w.shape)}"
-        )
-    return return_and_correct_aliasing(func, args, kwargs, _rows_view(w, offset, numel, size, "as_strided"))
-
-
-def _dim0_slice(w: Int8QTLinearWeight, start: int, end: int, op: str) -> Int8QTLinearWeight:
-    inner = math.prod(w.shape[1:])
-    start, end = max(0, min(start, w.shape[0])), max(0, min(end, w.shape[0]))
-    end = max(start, end)
-    return _rows_view(w, start * inner, (end - start) * inner, (end - start, *w.shape[1:]), op)
-
-
-@Int8QTLinearWeight.implements([aten.slice.Tensor])
-def _slice(func, types, args, kwargs):
-    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    start = args[2] if len(args) > 2 else kwargs.get("start") or 0
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim != 0 or step != 1:
-        raise NotImplementedError(
-            f"Int8QTLinearWeight: slice supports dim 0 with step 1 (whole rows), got dim={dim}, step={step}"
-        )
-    end = w.shape[0] if end is None else end
-    return return_and_correct_aliasing(func, args, kwargs, _dim0_slice(w, start, end, "slice"))
-
-
-@Int8QTLinearWeight.implements([aten.split.Tensor])
-def _split(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-    if dim != 0:
-        raise NotImplementedError(f"Int8QTLinearWeight: split supports dim 0 (rows), got dim={dim}")
-    return [_dim0_slice(w, s, s + size, "split") for s in range(0, w.shape[0], size)]
+# ---- views and FSDP2 sharding: real views on row boundaries (Int8QTLinearWeight._window) ------
+Int8QTLinearWeight.implements(WINDOW_OPS)(window_op)
 
 
 @Int8QTLinearWeight.implements([aten.cat.default])

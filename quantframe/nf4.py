@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe.api import QuantConfig, SkipModule, register_quantize_handler
-from quantframe.tensor import DEQUANTIZING_OPS, QuantTensor, dequantizing_op
+from quantframe.tensor import DEQUANTIZING_OPS, WINDOW_OPS, QuantTensor, dequantizing_op, window_op
 
 if torch.distributed.is_available():
     # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
@@ -146,6 +145,26 @@ class NF4Tensor(QuantTensor):
         values = lut[idx].view(self.n_blocks, self.block_size) * self.block_scales()[:, None]
         return values.view(self.shape).to(dtype or self.dtype)
 
+    window_unit = "block"
+
+    def _window(self, start: int, length: int, shape: torch.Size, op: str) -> NF4Tensor:
+        """Elements [start, start+length) of the flat weight, viewed as ``shape``: a real view."""
+        bs = self.block_size
+        if start % bs or length % bs:
+            raise NotImplementedError(
+                f"NF4Tensor: {op} must select whole blocks of {bs} elements (got elements [{start}, {start + length}) "
+                f"of shape {list(self.shape)}); a block shares one scale"
+            )
+        if not self.codes.is_contiguous():
+            raise NotImplementedError(f"NF4Tensor: {op} of a non-contiguous tensor is not supported")
+        codes = self.codes.view(-1)[start // 2 : (start + length) // 2].view(_codes_shape(tuple(shape)))
+        b0, nb = start // bs, length // bs
+        s0 = (b0 + self.scaler_offset) // self.scaler_block_size
+        s1 = (b0 + nb - 1 + self.scaler_offset) // self.scaler_block_size + 1 if nb else s0
+        offset = (b0 + self.scaler_offset) % self.scaler_block_size if nb else 0
+        return self._rebuild(codes=codes, quantized_scalers=self.quantized_scalers[b0 : b0 + nb],
+                             scaler_scale=self.scaler_scale[s0:s1], scaler_offset=offset, shape=torch.Size(shape))  # fmt: skip
+
     @torch.no_grad()
     def requantize_(self, value: Tensor) -> NF4Tensor:
         """Write a float ``value`` of this shape into this tensor (``copy_`` from a float, ``load_state_dict``)."""
@@ -264,73 +283,7 @@ def _linear(func, types, args, kwargs):
 
 
 # ---- views and FSDP2 sharding: real views on block boundaries --------------------------------
-def _window(w: NF4Tensor, start: int, length: int, shape, op: str) -> NF4Tensor:
-    """Elements [start, start+length) of the flat weight, viewed as ``shape``: a real view."""
-    bs = w.block_size
-    if start % bs or length % bs:
-        raise NotImplementedError(
-            f"NF4Tensor: {op} must select whole blocks of {bs} elements (got elements [{start}, {start + length}) "
-            f"of shape {list(w.shape)}); a block shares one scale"
-        )
-    if not w.codes.is_contiguous():
-        raise NotImplementedError(f"NF4Tensor: {op} of a non-contiguous tensor is not supported")
-    codes = w.codes.view(-1)[start // 2 : (start + length) // 2].view(_codes_shape(tuple(shape)))
-    b0, nb = start // bs, length // bs
-    s0 = (b0 + w.scaler_offset) // w.scaler_block_size
-    s1 = (b0 + nb - 1 + w.scaler_offset) // w.scaler_block_size + 1 if nb else s0
-    offset = (b0 + w.scaler_offset) % w.scaler_block_size if nb else 0
-    return w._rebuild(codes=codes, quantized_scalers=w.quantized_scalers[b0 : b0 + nb],
-                      scaler_scale=w.scaler_scale[s0:s1], scaler_offset=offset, shape=torch.Size(shape))  # fmt: skip
-
-
-@NF4Tensor.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
-def _view(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    shape = torch.empty(w.shape, device="meta").view(size).shape  # resolves -1, checks numel
-    return return_and_correct_aliasing(func, args, kwargs, _window(w, 0, w.numel(), shape, "view"))
-
-
-@NF4Tensor.implements([aten.as_strided.default])
-def _as_strided(func, types, args, kwargs):
-    w, size, stride = args[0], args[1], args[2]
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
-    numel = math.prod(size)
-    if list(stride) != list(torch.empty(size, device="meta").stride()) or offset + numel > w.numel():
-        raise NotImplementedError(
-            f"NF4Tensor: as_strided supports contiguous block-aligned windows only, got "
-            f"size={list(size)} stride={list(stride)} offset={offset} on shape {list(w.shape)}"
-        )
-    return return_and_correct_aliasing(func, args, kwargs, _window(w, offset, numel, size, "as_strided"))
-
-
-def _dim0_slice(w: NF4Tensor, start: int, end: int, op: str) -> NF4Tensor:
-    inner = math.prod(w.shape[1:])
-    start = max(0, min(start + w.shape[0] if start < 0 else start, w.shape[0]))
-    end = max(start, min(end + w.shape[0] if end < 0 else end, w.shape[0]))
-    return _window(w, start * inner, (end - start) * inner, (end - start, *w.shape[1:]), op)
-
-
-@NF4Tensor.implements([aten.slice.Tensor])
-def _slice(func, types, args, kwargs):
-    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    start = args[2] if len(args) > 2 else kwargs.get("start") or 0
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim != 0 or step != 1:
-        raise NotImplementedError(
-            f"NF4Tensor: slice supports dim 0 with step 1 (whole rows), got dim={dim}, step={step}"
-        )
-    end = w.shape[0] if end is None else min(end, w.shape[0])
-    return return_and_correct_aliasing(func, args, kwargs, _dim0_slice(w, start or 0, end, "slice"))
-
-
-@NF4Tensor.implements([aten.split.Tensor])
-def _split(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-    if dim != 0:
-        raise NotImplementedError(f"NF4Tensor: split supports dim 0 (rows), got dim={dim}")
-    return [_dim0_slice(w, s, s + size, "split") for s in range(0, w.shape[0], size)]
+NF4Tensor.implements(WINDOW_OPS)(window_op)  # view/as_strided/slice/split through NF4Tensor._window
 
 
 @NF4Tensor.implements([aten.new_zeros.default])

@@ -16,6 +16,7 @@ function that is not in the table goes on to aten as usual (and so to the aten t
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +37,8 @@ __all__ = [
     "dequantizing_op",
     "requantizing_inplace_op",
     "foreach_op",
+    "WINDOW_OPS",
+    "window_op",
 ]
 
 
@@ -162,6 +165,16 @@ class QuantTensor(Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement dequantize()")
+
+    window_unit: str = "element"  # what a window must hold whole (named in errors): "row", "block"
+
+    def _window(self, start: int, length: int, shape: torch.Size, op: str) -> QuantTensor:
+        """Elements ``[start, start + length)`` of the flat logical tensor, as a real view shaped ``shape``.
+
+        Layouts that keep their elements in flat order implement this and opt into WINDOW_OPS; raise
+        ``NotImplementedError`` naming ``op`` when the window does not fit the layout.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support {op}")
 
     def requantize_(self, value: Tensor) -> QuantTensor:
         """Write a float ``value`` of this shape into this tensor (the write-back of in-place math)."""
@@ -305,3 +318,54 @@ def foreach_op(func, types, args, kwargs):
             kw["value"] = value[i].item() if isinstance(value, Tensor) else value
         out.append(getattr(t, name)(*a, **kw))
     return None if name.endswith("_") else out
+
+
+# ---- windows: view / as_strided / slice / split as real views of a flat-order layout ----------
+# FSDP2 shards a parameter with split/narrow on dim 0, pads with new_zeros, flattens with
+# view(-1) and restores it with as_strided: each is a window of the flat tensor, a real view
+# wherever the class's ``_window`` accepts it (whole rows or blocks), a clear error otherwise.
+WINDOW_OPS = [
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.as_strided.default,
+    aten.slice.Tensor, aten.split.Tensor,
+]  # fmt: skip
+
+
+def _dim0_window(w: QuantTensor, start: int, end: int, op: str) -> QuantTensor:
+    n, inner = w.shape[0], math.prod(w.shape[1:])
+    start = max(0, min(start + n if start < 0 else start, n))
+    end = max(start, min(end + n if end < 0 else end, n))
+    return w._window(start * inner, (end - start) * inner, torch.Size((end - start, *w.shape[1:])), op)
+
+
+def window_op(func, types, args, kwargs):
+    """Handler for WINDOW_OPS on a class that implements ``_window``."""
+    w, name = args[0], type(args[0]).__name__
+    if func.overloadpacket is aten.split:
+        size, dim = args[1], args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        if dim != 0:
+            raise NotImplementedError(f"{name}: split supports dim 0 (whole {w.window_unit}s), got dim={dim}")
+        return [_dim0_window(w, s, s + size, "split") for s in range(0, w.shape[0], size)]
+    if func.overloadpacket is aten.slice:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        start = args[2] if len(args) > 2 else kwargs.get("start")
+        end = args[3] if len(args) > 3 else kwargs.get("end")
+        step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+        if dim != 0 or step != 1:
+            raise NotImplementedError(
+                f"{name}: slice supports dim 0 with step 1 (whole {w.window_unit}s), got dim={dim}, step={step}"
+            )
+        out = _dim0_window(w, start or 0, w.shape[0] if end is None else end, "slice")
+    elif func is aten.as_strided.default:
+        size, stride = args[1], args[2]
+        offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
+        numel = math.prod(size)
+        if list(stride) != list(torch.empty(size, device="meta").stride()) or offset + numel > w.numel():
+            raise NotImplementedError(
+                f"{name}: as_strided supports contiguous {w.window_unit}-aligned windows only, got "
+                f"size={list(size)} stride={list(stride)} offset={offset} on shape {list(w.shape)}"
+            )
+        out = w._window(offset, numel, torch.Size(size), "as_strided")
+    else:  # view, _unsafe_view, reshape
+        shape = torch.empty(w.shape, device="meta").view(args[1]).shape  # resolves -1, checks numel
+        out = w._window(0, w.numel(), shape, "view")
+    return return_and_correct_aliasing(func, args, kwargs, out)
