@@ -29,8 +29,8 @@ from quantframe.int8_training import (
     int8_weight_only_quantized_training,
 )
 from quantframe.llm_int8 import LLMInt8Config, LLMInt8Weight, llm_int8
-from quantframe.nn import DoRAConfig, DoRALinear, apply_adapters_, dora, lora, merge_adapters_
 from quantframe.nf4 import NF4Tensor, NF4WeightOnlyConfig, nf4_weight_only
+from quantframe.nn import DoRAConfig, DoRALinear, apply_adapters_, dora, lora, merge_adapters_
 from quantframe.tensor import QuantTensor
 
 __version__ = "0.1.0"

@@ -39,9 +39,15 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
 from quantframe.api import QuantConfig, register_quantize_handler
-from quantframe.int8_training import Int8QTLinearWeight, check_weight  # the INT8 weight this scheme composes with
+from quantframe.int8_training import Int8QTLinearWeight  # the INT8 weight this scheme composes with
 from quantframe.primitives import quantize_rowwise_int8
-from quantframe.tensor import DEQUANTIZING_OPS, FOREACH_OPS, REQUANTIZING_INPLACE_OPS, QuantTensor
+from quantframe.tensor import (
+    DEQUANTIZING_OPS,
+    FOREACH_OPS,
+    REQUANTIZING_INPLACE_OPS,
+    QuantTensor,
+    check_weight,
+)
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional

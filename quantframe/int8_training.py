@@ -24,6 +24,7 @@ from quantframe.tensor import (
     REQUANTIZING_INPLACE_OPS,
     WINDOW_OPS,
     QuantTensor,
+    check_weight,
     dequantizing_op,
     foreach_op,
     requantizing_inplace_op,
@@ -55,20 +56,6 @@ def int8_weight_only_quantized_training() -> Int8WeightOnlyQuantizedTrainingConf
         opt = quantframe.optim.AdamW(model.parameters(), lr=1e-3)
     """
     return Int8WeightOnlyQuantizedTrainingConfig()
-
-
-def check_weight(w: object, who: str) -> None:
-    """The input checks every weight quantizer shares: a finite, non-empty, 2-D float tensor."""
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor weight, got {type(w).__name__}")
-    if not w.dtype.is_floating_point:
-        raise TypeError(f"{who}: weight must be floating point (float32/bfloat16/float16), got {w.dtype}")
-    if w.dim() != 2:
-        raise ValueError(f"{who}: weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    if w.numel() == 0:
-        raise ValueError(f"{who}: weight is empty (shape {tuple(w.shape)})")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{who}: weight has NaN or Inf values")
 
 
 # ---- the tensor ------------------------------------------------------------------------------

@@ -34,8 +34,12 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe import primitives as P
 from quantframe.api import QuantConfig, register_quantize_handler
-from quantframe.int8_training import check_weight
-from quantframe.tensor import DEQUANTIZING_OPS, QuantTensor, dequantizing_op
+from quantframe.tensor import (
+    DEQUANTIZING_OPS,
+    QuantTensor,
+    check_weight,
+    dequantizing_op,
+)
 
 aten = torch.ops.aten
 

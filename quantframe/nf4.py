@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantframe.api import QuantConfig, SkipModule, register_quantize_handler
-from quantframe.tensor import DEQUANTIZING_OPS, WINDOW_OPS, QuantTensor, dequantizing_op, window_op
+from quantframe.tensor import (
+    DEQUANTIZING_OPS,
+    WINDOW_OPS,
+    QuantTensor,
+    check_weight,
+    dequantizing_op,
+    window_op,
+)
 
 if torch.distributed.is_available():
     # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
@@ -110,7 +117,7 @@ class NF4Tensor(QuantTensor):
         """
         who = f"{cls.__name__}.from_float"
         _check_block_sizes(block_size, scaler_block_size, who)
-        _check_weight(w, who)
+        check_weight(w, who)
         n, k = w.shape
         if k % 2:
             raise ValueError(f"{who}: in_features={k} must be even (two 4-bit codes per byte)")
@@ -205,19 +212,6 @@ class NF4Tensor(QuantTensor):
             codes=codes, quantized_scalers=qs, scaler_scale=scaler_scale, shape=shape, dtype=param_dtype
         )
         return full, (codes, qs, scaler_scale)
-
-
-def _check_weight(w: object, who: str) -> None:
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor weight, got {type(w).__name__}")
-    if not w.dtype.is_floating_point:
-        raise TypeError(f"{who}: weight must be floating point (float32/bfloat16/float16), got {w.dtype}")
-    if w.dim() != 2:
-        raise ValueError(f"{who}: weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    if w.numel() == 0:
-        raise ValueError(f"{who}: weight is empty (shape {tuple(w.shape)})")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{who}: weight has NaN or Inf values")
 
 
 def _quantize_blocks(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ Handler = Callable[[Any, tuple, tuple, dict], Any]
 
 __all__ = [
     "QuantTensor",
+    "check_weight",
     "unsupported_op_message",
     "DEQUANTIZING_OPS",
     "REQUANTIZING_INPLACE_OPS",
@@ -51,6 +52,20 @@ def _op_name(op: Any) -> str:
 def unsupported_op_message(cls: type, op: Any) -> str:
     supported = ", ".join(cls.supported_ops())
     return f"{cls.__name__} does not support {_op_name(op)}; supported: {supported}"
+
+
+def check_weight(w: object, who: str) -> None:
+    """The input checks every weight quantizer shares: a finite, non-empty, 2-D float tensor."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor weight, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"{who}: weight must be floating point (float32/bfloat16/float16), got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{who}: weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{who}: weight is empty (shape {tuple(w.shape)})")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{who}: weight has NaN or Inf values")
 
 
 class QuantTensor(Tensor):

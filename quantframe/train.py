@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantframe.api import QuantConfig, quantize_, summary
-from quantframe.int8_training import int8_weight_only_quantized_training
 from quantframe.int8_mixed_precision import int8_mixed_precision_training
+from quantframe.int8_training import int8_weight_only_quantized_training
 from quantframe.optim import AdamW, AdamW8bit
 from quantframe.tensor import QuantTensor
 
