@@ -32,6 +32,15 @@ from quantframe.llm_int8 import LLMInt8Config, LLMInt8Weight, llm_int8
 from quantframe.nf4 import NF4Tensor, NF4WeightOnlyConfig, nf4_weight_only
 from quantframe.nn import DoRAConfig, DoRALinear, apply_adapters_, dora, lora, merge_adapters_
 from quantframe.tensor import QuantTensor
+from quantframe.ternary import (
+    BitNetTrainingConfig,
+    BitNetTrainingLinearWeight,
+    TernaryWeight,
+    TernaryWeightOnlyConfig,
+    bitnet_training,
+    convert_bitnet_to_ternary_,
+    ternary_weight_only,
+)
 
 __version__ = "0.1.0"
 
@@ -74,4 +83,11 @@ __all__ = [
     "LLMInt8Weight",
     "LLMInt8Config",
     "llm_int8",
+    "BitNetTrainingConfig",
+    "BitNetTrainingLinearWeight",
+    "TernaryWeight",
+    "TernaryWeightOnlyConfig",
+    "bitnet_training",
+    "convert_bitnet_to_ternary_",
+    "ternary_weight_only",
 ]
