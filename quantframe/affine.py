@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe import primitives as P
 from quantframe.api import QuantConfig, SkipModule, register_quantize_handler
@@ -37,6 +36,9 @@ from quantframe.tensor import (
     QuantTensor,
     check_weight,
     dequantizing_op,
+    row_slice_op,
+    same_layout_copy,
+    same_shape_view_op,
 )
 
 aten = torch.ops.aten
@@ -262,52 +264,9 @@ def _linear(func, types, args, kwargs):
 
 
 # ---- views and copies --------------------------------------------------------------------------
-@AffineQuantizedTensor.implements([aten.slice.Tensor])
-def _slice(func, types, args, kwargs):
-    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    start = args[2] if len(args) > 2 else kwargs.get("start")
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim not in (0, -2) or step != 1:
-        raise NotImplementedError(
-            f"AffineQuantizedTensor: slice supports dim 0 with step 1 (whole rows), got dim={dim}, step={step}"
-        )
-    rows = range(w.shape[0])[slice(start, end)]  # clamps like aten
-    out = w._rebuild(lambda t: t[rows.start : rows.stop], shape=torch.Size((len(rows), w.shape[1])))
-    return return_and_correct_aliasing(func, args, kwargs, out)
-
-
-@AffineQuantizedTensor.implements([aten.view.default, aten._unsafe_view.default])
-def _view(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    if torch.empty(w.shape, device="meta").view(size).shape != w.shape:
-        raise NotImplementedError(
-            f"AffineQuantizedTensor: view supports the same shape only ({list(w.shape)}), got {list(size)}"
-        )
-    return return_and_correct_aliasing(func, args, kwargs, w._rebuild(lambda t: t.view(t.shape)))
-
-
-def _layout(t: AffineQuantizedTensor) -> tuple:
-    return (tuple(t.shape), *(getattr(t, n) for n in t.attr_names))
-
-
-@AffineQuantizedTensor.implements([aten.copy_.default])
-def _copy(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, AffineQuantizedTensor):  # a plain tensor reads the value
-        return dst.copy_(src.dequantize(dst.dtype))
-    if not isinstance(src, AffineQuantizedTensor):
-        raise NotImplementedError(
-            "AffineQuantizedTensor: copy_ of a plain tensor into a quantized one is not supported; "
-            "build one with AffineQuantizedTensor.from_float"
-        )
-    if _layout(src) != _layout(dst):
-        raise ValueError(f"AffineQuantizedTensor.copy_: layouts differ: {_layout(src)} into {_layout(dst)}")
-    for name in dst.tensor_names:
-        getattr(dst, name).copy_(getattr(src, name))
-    return dst
-
-
+AffineQuantizedTensor.implements([aten.slice.Tensor])(row_slice_op)
+AffineQuantizedTensor.implements([aten.view.default, aten._unsafe_view.default])(same_shape_view_op)
+AffineQuantizedTensor.implements([aten.copy_.default])(same_layout_copy("AffineQuantizedTensor.from_float"))
 AffineQuantizedTensor.implements(DEQUANTIZING_OPS)(dequantizing_op)
 
 

@@ -44,6 +44,9 @@ from quantframe.tensor import (
     QuantTensor,
     check_weight,
     dequantizing_op,
+    row_slice_range,
+    same_layout_copy,
+    same_shape_view_op,
 )
 
 aten = torch.ops.aten
@@ -274,13 +277,8 @@ def _linear(func, types, args, kwargs):
 @GPTQLinearWeight.implements([aten.slice.Tensor])
 def _slice(func, types, args, kwargs):
     """Whole output rows: a column slice of qweight, zeros and scales (g_idx is shared)."""
-    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    start = args[2] if len(args) > 2 else kwargs.get("start")
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim not in (0, -2) or step != 1:
-        raise NotImplementedError(f"GPTQLinearWeight: slice supports dim 0 with step 1, got dim={dim}, step={step}")
-    rows = range(w.shape[0])[slice(start, end)]
+    w = args[0]
+    rows = row_slice_range(w, args, kwargs)
     cols = slice(rows.start, rows.stop)
     out = GPTQLinearWeight(
         w.qweight[:, cols], w.zeros[:, cols], w.scales[:, cols], w.g_idx, w.bits, w.group_size,
@@ -289,27 +287,8 @@ def _slice(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
-@GPTQLinearWeight.implements([aten.view.default, aten._unsafe_view.default])
-def _view(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    if torch.empty(w.shape, device="meta").view(size).shape != w.shape:
-        raise NotImplementedError(f"GPTQLinearWeight: view supports the same shape only ({list(w.shape)}), got {list(size)}")
-    return return_and_correct_aliasing(func, args, kwargs, w._rebuild(lambda t: t.view(t.shape)))
-
-
-@GPTQLinearWeight.implements([aten.copy_.default])
-def _copy(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, GPTQLinearWeight):
-        return dst.copy_(src.dequantize(dst.dtype))
-    if not isinstance(src, GPTQLinearWeight):
-        raise NotImplementedError("GPTQLinearWeight: copy_ of a plain tensor is not supported; use from_gptq")
-    layout = lambda t: (tuple(t.shape), t.bits, t.group_size, *(tuple(getattr(t, n).shape) for n in t.tensor_names))
-    if layout(src) != layout(dst):
-        raise ValueError(f"GPTQLinearWeight.copy_: layouts differ: {layout(src)} into {layout(dst)}")
-    for name in dst.tensor_names:
-        getattr(dst, name).copy_(getattr(src, name))
-    return dst
+GPTQLinearWeight.implements([aten.view.default, aten._unsafe_view.default])(same_shape_view_op)
+GPTQLinearWeight.implements([aten.copy_.default])(same_layout_copy("from_gptq"))
 
 
 GPTQLinearWeight.implements(DEQUANTIZING_OPS)(dequantizing_op)

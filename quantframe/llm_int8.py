@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from quantframe import primitives as P
 from quantframe.api import QuantConfig, register_quantize_handler
@@ -39,6 +38,8 @@ from quantframe.tensor import (
     QuantTensor,
     check_weight,
     dequantizing_op,
+    row_slice_op,
+    same_shape_view_op,
 )
 
 aten = torch.ops.aten
@@ -157,25 +158,8 @@ def _linear(func, types, args, kwargs):
 
 
 # ---- views and copies --------------------------------------------------------------------------
-@LLMInt8Weight.implements([aten.slice.Tensor])
-def _slice(func, types, args, kwargs):
-    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    start = args[2] if len(args) > 2 else kwargs.get("start")
-    end = args[3] if len(args) > 3 else kwargs.get("end")
-    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim not in (0, -2) or step != 1:
-        raise NotImplementedError(f"LLMInt8Weight: slice supports dim 0 with step 1, got dim={dim}, step={step}")
-    rows = range(w.shape[0])[slice(start, end)]
-    out = w._rebuild(lambda t: t[rows.start : rows.stop], shape=torch.Size((len(rows), w.shape[1])))
-    return return_and_correct_aliasing(func, args, kwargs, out)
-
-
-@LLMInt8Weight.implements([aten.view.default, aten._unsafe_view.default])
-def _view(func, types, args, kwargs):
-    w, size = args[0], args[1]
-    if torch.empty(w.shape, device="meta").view(size).shape != w.shape:
-        raise NotImplementedError(f"LLMInt8Weight: view supports the same shape only ({list(w.shape)}), got {list(size)}")
-    return return_and_correct_aliasing(func, args, kwargs, w._rebuild(lambda t: t.view(t.shape)))
+LLMInt8Weight.implements([aten.slice.Tensor])(row_slice_op)
+LLMInt8Weight.implements([aten.view.default, aten._unsafe_view.default])(same_shape_view_op)
 
 
 @LLMInt8Weight.implements([aten.copy_.default])

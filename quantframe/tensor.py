@@ -40,6 +40,10 @@ __all__ = [
     "foreach_op",
     "WINDOW_OPS",
     "window_op",
+    "row_slice_range",
+    "row_slice_op",
+    "same_shape_view_op",
+    "same_layout_copy",
 ]
 
 
@@ -345,6 +349,15 @@ WINDOW_OPS = [
 ]  # fmt: skip
 
 
+def _slice_args(args: tuple, kwargs: dict) -> tuple[int, int | None, int | None, int]:
+    """(dim, start, end, step) of an ``aten.slice.Tensor`` call."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    return dim, start, end, step
+
+
 def _dim0_window(w: QuantTensor, start: int, end: int, op: str) -> QuantTensor:
     n, inner = w.shape[0], math.prod(w.shape[1:])
     start = max(0, min(start + n if start < 0 else start, n))
@@ -361,10 +374,7 @@ def window_op(func, types, args, kwargs):
             raise NotImplementedError(f"{name}: split supports dim 0 (whole {w.window_unit}s), got dim={dim}")
         return [_dim0_window(w, s, s + size, "split") for s in range(0, w.shape[0], size)]
     if func.overloadpacket is aten.slice:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        start = args[2] if len(args) > 2 else kwargs.get("start")
-        end = args[3] if len(args) > 3 else kwargs.get("end")
-        step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+        dim, start, end, step = _slice_args(args, kwargs)
         if dim != 0 or step != 1:
             raise NotImplementedError(
                 f"{name}: slice supports dim 0 with step 1 (whole {w.window_unit}s), got dim={dim}, step={step}"
@@ -384,3 +394,60 @@ def window_op(func, types, args, kwargs):
         shape = torch.empty(w.shape, device="meta").view(args[1]).shape  # resolves -1, checks numel
         out = w._window(0, w.numel(), shape, "view")
     return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+# ---- layouts without flat windows: row slices, same-shape views, same-layout copies ----------
+def row_slice_range(w: QuantTensor, args: tuple, kwargs: dict) -> range:
+    """The rows an ``aten.slice.Tensor`` call selects (clamped like aten), or a clear error."""
+    dim, start, end, step = _slice_args(args, kwargs)
+    if dim not in (0, -2) or step != 1:
+        raise NotImplementedError(
+            f"{type(w).__name__}: slice supports dim 0 with step 1 (whole rows), got dim={dim}, step={step}"
+        )
+    return range(w.shape[0])[slice(start, end)]
+
+
+def row_slice_op(func, types, args, kwargs):
+    """Handler for ``aten.slice.Tensor`` on a 2-D layout whose inner tensors all have rows on dim 0."""
+    w = args[0]
+    rows = row_slice_range(w, args, kwargs)
+    out = w._rebuild(lambda t: t[rows.start : rows.stop], shape=torch.Size((len(rows), w.shape[1])))
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def same_shape_view_op(func, types, args, kwargs):
+    """Handler for ``view`` on a layout that cannot be reshaped: the same shape only (``-1`` allowed)."""
+    w, size = args[0], args[1]
+    if torch.empty(w.shape, device="meta").view(size).shape != w.shape:
+        raise NotImplementedError(
+            f"{type(w).__name__}: view supports the same shape only ({list(w.shape)}), got {list(size)}"
+        )
+    return return_and_correct_aliasing(func, args, kwargs, w._rebuild(lambda t: t.view(t.shape)))
+
+
+def same_layout_copy(build_hint: str) -> Handler:
+    """A ``copy_`` handler for formats that do not quantize a float value in place.
+
+    quantized -> plain writes the value; quantized -> quantized of one layout (shape, attributes,
+    inner shapes) copies every inner tensor; plain -> quantized raises, naming ``build_hint``.
+    """
+
+    def layout(t: QuantTensor) -> tuple:
+        return (tuple(t.shape), *(getattr(t, n) for n in t.attr_names), *(tuple(x.shape) for _, x in t._inner_tensors()))
+
+    def copy_(func, types, args, kwargs):
+        dst, src = args[0], args[1]
+        if not isinstance(dst, QuantTensor):  # a plain tensor reads the value
+            return dst.copy_(src.dequantize(dst.dtype))
+        name = type(dst).__name__
+        if type(src) is not type(dst):
+            raise NotImplementedError(
+                f"{name}: copy_ of a plain tensor into a quantized one is not supported; build one with {build_hint}"
+            )
+        if layout(src) != layout(dst):
+            raise ValueError(f"{name}.copy_: layouts differ: {layout(src)} into {layout(dst)}")
+        for (_, d), (_, t) in zip(dst._inner_tensors(), src._inner_tensors()):
+            d.copy_(t)
+        return dst
+
+    return copy_
