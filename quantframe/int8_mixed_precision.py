@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import return_and_correct_aliasing
-from torch.utils._pytree import tree_map
 
 from quantframe.api import QuantConfig, register_quantize_handler
 from quantframe.int8_training import Int8QTLinearWeight  # the INT8 weight this scheme composes with
@@ -47,6 +46,9 @@ from quantframe.tensor import (
     REQUANTIZING_INPLACE_OPS,
     QuantTensor,
     check_weight,
+    float_master_copy_op,
+    float_master_inplace_op,
+    float_master_math_op,
 )
 
 aten = torch.ops.aten
@@ -369,32 +371,10 @@ def _new_zeros(func, types, args, kwargs):
     return Int8MixedPrecisionLinearWeight(data, *_flags(w), dtype=kwargs.get("dtype") or w.dtype)
 
 
-@Int8MixedPrecisionLinearWeight.implements([aten.copy_.default])
-def _copy(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if isinstance(dst, Int8MixedPrecisionLinearWeight):
-        dst.float_data.copy_(src.float_data if isinstance(src, Int8MixedPrecisionLinearWeight) else src)
-    else:
-        dst.copy_(src.float_data)
-    return dst
-
-
-def _unwrap(t):
-    return t.float_data if isinstance(t, Int8MixedPrecisionLinearWeight) else t
-
-
-@Int8MixedPrecisionLinearWeight.implements(DEQUANTIZING_OPS)
-def _math(func, types, args, kwargs):
-    # Out-of-place math (how optimizers read a weight) returns plain tensors.
-    return func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-
-
-@Int8MixedPrecisionLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)
-def _inplace(func, types, args, kwargs):
-    # In place on float_data: the optimizer's update lands in the weight itself. Foreach lists
-    # keep their fast path (one call over all tensors, this weight's float_data among them).
-    out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-    return args[0] if isinstance(args[0], Int8MixedPrecisionLinearWeight) else out
+# Optimizer math and copies act on the float master weight itself (quantframe.tensor).
+Int8MixedPrecisionLinearWeight.implements([aten.copy_.default])(float_master_copy_op)
+Int8MixedPrecisionLinearWeight.implements(DEQUANTIZING_OPS)(float_master_math_op)
+Int8MixedPrecisionLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)(float_master_inplace_op)
 
 
 # ---- collectives (DTensor.full_tensor) --------------------------------------------------------

@@ -23,6 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_map
+
+if torch.distributed.is_available():
+    # Registers _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11),
+    # so every scheme can list it in its op table.
+    import torch.distributed._functional_collectives  # noqa: F401
 
 aten = torch.ops.aten
 
@@ -44,6 +50,9 @@ __all__ = [
     "row_slice_op",
     "same_shape_view_op",
     "same_layout_copy",
+    "float_master_math_op",
+    "float_master_inplace_op",
+    "float_master_copy_op",
 ]
 
 
@@ -451,3 +460,35 @@ def same_layout_copy(build_hint: str) -> Handler:
         return dst
 
     return copy_
+
+
+# ---- layouts whose value is a float master weight (``float_data``) ----------------------------
+# Training schemes that quantize only inside their matmuls (int8 mixed precision, BitNet) keep the
+# weight itself in float: optimizer math acts on it directly, with no requantization.
+def _float_data(t: Any) -> Any:
+    return t.float_data if isinstance(t, QuantTensor) and "float_data" in t.tensor_names else t
+
+
+def float_master_math_op(func, types, args, kwargs):
+    """Handler for DEQUANTIZING_OPS: out-of-place math (how optimizers read a weight) on the float data."""
+    return func(*tree_map(_float_data, args), **tree_map(_float_data, kwargs))
+
+
+def float_master_inplace_op(func, types, args, kwargs):
+    """Handler for REQUANTIZING_INPLACE_OPS + FOREACH_OPS: in place on the float data.
+
+    The optimizer's update lands in the master weight itself; foreach lists keep their fast path
+    (one call over all tensors, this weight's float data among them).
+    """
+    out = func(*tree_map(_float_data, args), **tree_map(_float_data, kwargs))
+    return args[0] if isinstance(args[0], QuantTensor) else out
+
+
+def float_master_copy_op(func, types, args, kwargs):
+    """Handler for ``copy_``: into the float data, or a plain tensor reading it."""
+    dst, src = args[0], args[1]
+    if isinstance(dst, QuantTensor):
+        dst.float_data.copy_(_float_data(src))
+    else:
+        dst.copy_(_float_data(src))
+    return dst

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from quantframe.api import QuantConfig, register_quantize_handler
 from quantframe.primitives import pack_bits, unpack_bits
@@ -45,6 +44,9 @@ from quantframe.tensor import (
     WINDOW_OPS,
     QuantTensor,
     check_weight,
+    float_master_copy_op,
+    float_master_inplace_op,
+    float_master_math_op,
     dequantizing_op,
     window_op,
 )
@@ -245,32 +247,10 @@ def _bitnet_linear(func, types, args, kwargs):
     return _BitNetLinear.apply(x, w, bias)
 
 
-def _unwrap(t):
-    return t.float_data if isinstance(t, BitNetTrainingLinearWeight) else t
-
-
-@BitNetTrainingLinearWeight.implements(DEQUANTIZING_OPS)
-def _bitnet_math(func, types, args, kwargs):
-    return func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-
-
-@BitNetTrainingLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)
-def _bitnet_inplace(func, types, args, kwargs):
-    # In place on float_data: the optimizer's update lands in the master weight itself.
-    out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
-    return args[0] if isinstance(args[0], BitNetTrainingLinearWeight) else out
-
-
-@BitNetTrainingLinearWeight.implements([aten.copy_.default])
-def _bitnet_copy(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if isinstance(dst, BitNetTrainingLinearWeight):
-        dst.float_data.copy_(_unwrap(src))
-    else:
-        dst.copy_(src.float_data)
-    return dst
-
-
+# Optimizer math and copies act on the float master weight itself (quantframe.tensor).
+BitNetTrainingLinearWeight.implements(DEQUANTIZING_OPS)(float_master_math_op)
+BitNetTrainingLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)(float_master_inplace_op)
+BitNetTrainingLinearWeight.implements([aten.copy_.default])(float_master_copy_op)
 BitNetTrainingLinearWeight.implements(WINDOW_OPS)(window_op)
 
 

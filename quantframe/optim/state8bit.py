@@ -28,10 +28,6 @@ from quantframe.tensor import (
     requantizing_inplace_op,
 )
 
-if torch.distributed.is_available():
-    # Defines _c10d_functional._wrap_tensor_autograd (what DTensor.full_tensor sends on torch >= 2.11).
-    import torch.distributed._functional_collectives  # noqa: F401
-
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
