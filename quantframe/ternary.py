@@ -47,6 +47,7 @@ from quantframe.tensor import (
     float_master_copy_op,
     float_master_inplace_op,
     float_master_math_op,
+    same_layout_copy,
     dequantizing_op,
     window_op,
 )
@@ -345,18 +346,7 @@ def _ternary_linear(func, types, args, kwargs):
     return _TernaryLinear.apply(x, w.codes().float() * w.scale, bias)
 
 
-@TernaryWeight.implements([aten.copy_.default])
-def _ternary_copy(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(dst, TernaryWeight):
-        return dst.copy_(src.dequantize(dst.dtype))
-    if not isinstance(src, TernaryWeight):
-        raise NotImplementedError("TernaryWeight: copy_ of a plain tensor is not supported; use TernaryWeight.from_float")
-    if src.shape != dst.shape:
-        raise ValueError(f"TernaryWeight.copy_: shapes differ: {list(src.shape)} into {list(dst.shape)}")
-    dst.packed.copy_(src.packed)
-    dst.scale.copy_(src.scale)
-    return dst
+TernaryWeight.implements([aten.copy_.default])(same_layout_copy("TernaryWeight.from_float"))
 
 
 TernaryWeight.implements(DEQUANTIZING_OPS)(dequantizing_op)
