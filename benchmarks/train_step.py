@@ -14,7 +14,6 @@ INT8 Triton kernels one step launched (from the profiler), to show the INT8 path
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -69,7 +68,9 @@ def bf16(compiled):
     return setup
 
 
-def quantframe_qt(compiled, optim="AdamW", mixed=False, qt_weights=True):
+def quantframe_qt(compiled, optim="AdamW", mixed=False, qt_weights=True, state_dtype=None):
+    """state_dtype=None: moments in each parameter's dtype (bf16 here), as torch's and torchao's AdamW."""
+
     def setup(m):
         import quantframe
         import quantframe.optim
@@ -78,7 +79,8 @@ def quantframe_qt(compiled, optim="AdamW", mixed=False, qt_weights=True):
             quantframe.quantize_(m, quantframe.int8_mixed_precision_training(int8_weights=qt_weights))
         else:
             quantframe.quantize_(m, quantframe.int8_weight_only_quantized_training())
-        return _step_fn(m, getattr(quantframe.optim, optim)(m.parameters(), lr=1e-4), compiled)
+        opt = getattr(quantframe.optim, optim)(m.parameters(), lr=1e-4, state_dtype=state_dtype)
+        return _step_fn(m, opt, compiled)
 
     return setup
 
@@ -114,6 +116,7 @@ ROWS: dict[str, Callable] = {
     "bf16 + bitsandbytes AdamW8bit, compiled": bnb_adamw8bit,
     "quantframe int8 QT + AdamW, eager": quantframe_qt(False),
     "quantframe int8 QT + AdamW, compiled": quantframe_qt(True),
+    "quantframe int8 QT + AdamW fp32 states, compiled": quantframe_qt(True, state_dtype=torch.float32),
     "quantframe int8 QT + AdamW8bit, eager": quantframe_qt(False, "AdamW8bit"),
     "quantframe int8 QT + AdamW8bit, compiled": quantframe_qt(True, "AdamW8bit"),
     "quantframe int8 mixed precision, eager": quantframe_qt(False, mixed=True, qt_weights=False),
@@ -132,12 +135,25 @@ def int8_kernels_per_step(step, x) -> int:
     return sum(e.count for e in prof.key_averages() if "int8" in e.key.lower())
 
 
-def run_row(name: str, setup, base: nn.Module, warmup: int, steps: int) -> dict:
+def top_kernels(step, x, n: int = 8) -> list[tuple[str, float]]:
+    """The n kernels with the most CUDA time in one step: (name, ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / 1e3
+    return [("(all kernels)", total)] + [(e.key[:70], e.device_time_total / 1e3) for e in events[:n]]
+
+
+def run_row(name: str, setup, warmup: int, steps: int, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"run": name}
     try:
-        model = copy.deepcopy(base)
+        model = anchor_model()  # built per row: a model kept alive across rows would sit in every peak
         step = setup(model)
         x = torch.randn(BATCH, SEQ, DIM, device="cuda", dtype=torch.bfloat16)
         for _ in range(warmup):
@@ -153,6 +169,8 @@ def run_row(name: str, setup, base: nn.Module, warmup: int, steps: int) -> dict:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["loss"] = float(loss)
         row["int8_kernels_per_step"] = int8_kernels_per_step(step, x) if "quantframe" in name else None
+        if profile:
+            row["top_kernels"] = top_kernels(step, x)
     except Exception as e:  # a missing peer or a failing row is reported in the table, not hidden
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
     finally:
@@ -166,35 +184,87 @@ def run_row(name: str, setup, base: nn.Module, warmup: int, steps: int) -> dict:
 def matmul_rows() -> list[dict]:
     from triton.testing import do_bench
 
+    from quantframe.kernels.int8_mm import int8_scaled_mm
     from quantframe.kernels.int8_rowwise import quantize_rowwise_int8
-    from quantframe.kernels.int8_weight_mm import int8_weight_mm, int8_weight_mm_reference
+    from quantframe.kernels.int8_weight_mm import (
+        int8_weight_mm_dense,
+        int8_weight_mm_reference,
+        int8_weight_mm_triton,
+    )
 
-    m = BATCH * SEQ
     rows = []
-    for k, n in ((DIM, HIDDEN), (HIDDEN, DIM)):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        q, s = quantize_rowwise_int8(w)
-        x8, w8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8), q
-        torch.testing.assert_close(int8_weight_mm(x, q, s), int8_weight_mm_reference(x, q, s), atol=0.5, rtol=2e-2)
-        cases = {
-            "bf16 mm  x @ W.T": lambda: x @ w.T,
-            "bf16 mm  g @ W": lambda: g @ w,
-            "torch._int_mm  x8 @ W8.T": lambda: torch._int_mm(x8, w8.T),
-            "quantframe int8_weight_mm fwd": lambda: int8_weight_mm(x, q, s),
-            "quantframe int8_weight_mm grad-input": lambda: int8_weight_mm(g, q, s, transpose=True),
-        }
-        try:
-            from quantframe.kernels.int8_mm import int8_scaled_mm
-
+    for m in (BATCH * SEQ, 2048, 1024, 256):  # the model's token count, then the small-M crossover
+        for k, n in ((DIM, HIDDEN), (HIDDEN, DIM)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            q, s = quantize_rowwise_int8(w)
+            x8, w8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8), q
             sx = torch.rand(m, device="cuda") / 100
-            cases["quantframe int8_scaled_mm x8 @ W8.T"] = lambda: int8_scaled_mm(x8, w8, sx, s)
-        except ImportError:
-            pass
-        for label, fn in cases.items():
-            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-            rows.append({"shape": f"[{m},{k}]x[{n},{k}]", "op": label, "ms": ms, "tflops": 2 * m * n * k / ms / 1e9})
+            ref = int8_weight_mm_reference(x, q, s)
+            for fn in (int8_weight_mm_triton, int8_weight_mm_dense):
+                # outputs ~N(0, 45): 1.0 is a few bf16 ulps there (the dense path rounds W to bf16)
+                torch.testing.assert_close(fn(x, q, s), ref, atol=1.0, rtol=2e-2)
+            cases = {
+                "bf16 mm  x @ W.T": lambda: x @ w.T,
+                "bf16 mm  g @ W": lambda: g @ w,
+                "torch._int_mm  x8 @ W8.T": lambda: torch._int_mm(x8, w8.T),
+                "quantframe int8_scaled_mm x8 @ W8.T": lambda: int8_scaled_mm(x8, w8, sx, s),
+                "quantframe int8 weight fused fwd": lambda: int8_weight_mm_triton(x, q, s),
+                "quantframe int8 weight fused grad-input": lambda: int8_weight_mm_triton(g, q, s, transpose=True),
+                "quantframe int8 weight dense fwd": lambda: int8_weight_mm_dense(x, q, s),
+                "quantframe int8 weight dense grad-input": lambda: int8_weight_mm_dense(g, q, s, transpose=True),
+            }
+            if m != BATCH * SEQ:  # the crossover sweep: the weight-only paths and their bf16 baseline
+                cases = {name: fn for name, fn in cases.items() if "weight" in name or name.startswith("bf16 mm  x")}
+            for label, fn in cases.items():
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                rows.append({"shape": f"[{m},{k}]x[{n},{k}]", "op": label, "ms": ms, "tflops": 2 * m * n * k / ms / 1e9})
+    return rows
+
+
+# ---- optimizer-step micro-table -----------------------------------------------------------------
+def optimizer_rows() -> list[dict]:
+    """One AdamW step of one weight: torch's fused kernel on bf16 vs quantframe's fused INT8 step.
+
+    ``floor ms``: the bytes the step must move (read + write) at this GPU's measured copy bandwidth.
+    """
+    from triton.testing import do_bench
+
+    from quantframe.kernels.adamw_step import adamw_step
+    from quantframe.kernels.int8_rowwise import quantize_rowwise_int8
+    from quantframe.optim.state8bit import OptimState8bit
+
+    big = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    copy_ms = do_bench(lambda: big.clone(), warmup=5, rep=50, return_mode="median")
+    copy_bps = 2 * big.numel() * 4 / (copy_ms / 1e3)
+    del big
+    hyper = dict(lr=1e-6, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=0.5, bias_correction2=0.5)
+    rows = [{"shape": "-", "op": "copy bandwidth (1 GiB clone)", "ms": copy_ms, "gbps": copy_bps / 1e9, "floor_ms": copy_ms}]
+    for n, k in ((HIDDEN, DIM), (DIM, HIDDEN)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        g = torch.randn_like(w) * 1e-3
+        q, s = quantize_rowwise_int8(w)
+        steps = [torch.tensor(1.0, device="cuda")]
+        bf16_states = [torch.zeros_like(w), torch.rand_like(w) * 1e-6]
+        fp32_states = [t.float() for t in bf16_states]
+        s8 = [OptimState8bit.from_float(fp32_states[0], signed=True), OptimState8bit.from_float(fp32_states[1], signed=False)]
+        parts8 = dict(exp_avg_scale=s8[0].scale, exp_avg_sq_scale=s8[1].scale, exp_avg_qmap=s8[0].qmap,
+                      exp_avg_sq_qmap=s8[1].qmap)  # fmt: skip
+        cases = {  # label: (function, bytes per element moved)
+            "torch fused AdamW, bf16 weight + bf16 states": (lambda: torch._fused_adamw_(
+                [w], [g], *[[t] for t in bf16_states], [], steps, lr=1e-6, beta1=0.9, beta2=0.999,
+                weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False), 14),  # fmt: skip
+            "quantframe int8 weight + bf16 states": (lambda: adamw_step(q, s, g, *bf16_states, **hyper), 12),
+            "quantframe int8 weight + fp32 states": (lambda: adamw_step(q, s, g, *fp32_states, **hyper), 20),
+            "quantframe int8 weight + 8-bit states": (
+                lambda: adamw_step(q, s, g, s8[0].codes.view(n, k), s8[1].codes.view(n, k), **parts8, **hyper), 8),
+        }  # fmt: skip
+        for label, (fn, nbytes) in cases.items():
+            ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+            moved = nbytes * n * k
+            rows.append({"shape": f"[{n},{k}]", "op": label, "ms": ms, "gbps": moved / (ms / 1e3) / 1e9,
+                         "floor_ms": moved / copy_bps * 1e3})  # fmt: skip
     return rows
 
 
@@ -204,7 +274,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for --json")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma list of substrings: run only matching rows")
+    parser.add_argument("--only", default="", help="'|'-separated substrings: run only the rows matching one")
+    parser.add_argument("--profile", action="store_true", help="also print each row's top CUDA kernels")
+    parser.add_argument("--no-micro", action="store_true", help="skip the matmul and optimizer micro-tables")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("train_step.py needs a CUDA GPU")
@@ -218,10 +290,9 @@ def main(argv=None):
             print(f"{peer} {__import__(peer).__version__}")
         except ImportError:
             print(f"{peer}: not importable (its rows say so)")
-    base = anchor_model()
-    wanted = [w for w in args.only.split(",") if w]
+    wanted = [w for w in args.only.split("|") if w]
     rows = [
-        run_row(name, setup, base, args.warmup, args.steps)
+        run_row(name, setup, args.warmup, args.steps, args.profile)
         for name, setup in ROWS.items()
         if not wanted or any(w in name for w in wanted)
     ]
@@ -234,16 +305,27 @@ def main(argv=None):
         speed = f"{ref / r['ms_per_step']:.2f}x" if ref else "n/a"
         k = r["int8_kernels_per_step"]
         print(f"{r['run']:58s} {r['ms_per_step']:8.2f} {speed:>8s} {r['peak_gib']:8.2f} {'' if k is None else k:>9}")
-    mm = matmul_rows()
-    print(f"\n{'shape':24s} {'op':40s} {'ms':>7s} {'TFLOP/s':>8s}")
-    for r in mm:
-        print(f"{r['shape']:24s} {r['op']:40s} {r['ms']:7.3f} {r['tflops']:8.1f}")
+    for r in rows:
+        if r.get("top_kernels"):
+            print(f"\n{r['run']}: top CUDA kernels of one step (ms)")
+            for kname, ms in r["top_kernels"]:
+                print(f"  {ms:8.3f}  {kname}")
+    mm = opt = []
+    if not args.no_micro:
+        mm = matmul_rows()
+        print(f"\n{'shape':24s} {'op':44s} {'ms':>7s} {'TFLOP/s':>8s}")
+        for r in mm:
+            print(f"{r['shape']:24s} {r['op']:44s} {r['ms']:7.3f} {r['tflops']:8.1f}")
+        opt = optimizer_rows()
+        print(f"\n{'weight':12s} {'optimizer step':44s} {'ms':>7s} {'GB/s':>7s} {'floor ms':>8s}")
+        for r in opt:
+            print(f"{r['shape']:12s} {r['op']:44s} {r['ms']:7.3f} {r['gbps']:7.0f} {r['floor_ms']:8.3f}")
     if args.json:
         out = Path(args.out) / f"train_step_{gpu.replace(' ', '_')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": str(datetime.date.today()),
                 "python": platform.python_version()}  # fmt: skip
-        out.write_text(json.dumps({"meta": meta, "train_step": rows, "matmul": mm}, indent=1))
+        out.write_text(json.dumps({"meta": meta, "train_step": rows, "matmul": mm, "optimizer": opt}, indent=1))
         print(f"wrote {out}")
 
 

@@ -7,7 +7,8 @@ int8, scale and moments back in place. Per element that reads int8 + grad + stat
 int8 + states once, instead of the dequantize / ~6 elementwise ops / requantize round trips of
 the unfused step.
 
-The moments are fp32 ``[N, K]`` tensors, or 8-bit ``OptimState8bit`` parts (``STATE_8BIT``):
+The moments are fp32 or bf16 ``[N, K]`` tensors (bf16 stored rounded to nearest, as torch's AdamW
+keeps the moments of a bf16 model), or 8-bit ``OptimState8bit`` parts (``STATE_8BIT``):
 uint8 codes ``[N, K]``, fp32 absmax per block of 256 consecutive elements ``[N * K / 256]`` and
 the 256-entry code map. Then ``K % 256 == 0`` is required, so that a row holds whole blocks and
 one program re-quantizes them alone (rows of 2048, 4096, 5632... qualify); otherwise the caller
@@ -39,12 +40,15 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
-from .int8_rowwise import quantize_rowwise_int8_reference
+from .int8_rowwise import _round_to_bf16, quantize_rowwise_int8_reference
 
 __all__ = ["adamw_step", "adamw_step_reference", "adamw_step_triton"]
 
 STATE_BLOCK = 256  # elements per 8-bit state block (quantframe.optim.state8bit.BLOCK_SIZE)
-_MAX_BLOCK_K = 4096  # rows up to this length are updated in one pass, longer ones in two
+# Rows up to this length are updated in one pass, longer ones in two (chunks of this length). 2048
+# at 8 warps: 8 elements per thread, 64 registers (ptxas, sm_90), 4 programs per SM; a 4096-element
+# chunk needs 16 warps at 128 registers, one program per SM, and pads a 5632-element row to 8192.
+_MAX_BLOCK_K = 2048
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -57,10 +61,10 @@ def _check_args(int_data, scale, grad, exp_avg, exp_avg_sq, states8, noise, bias
         raise ValueError(f"adamw_step: scale must be float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
     if grad.dtype not in _FLOAT_DTYPES or grad.shape != (n, k):
         raise ValueError(f"adamw_step: grad must be float [{n}, {k}], got {grad.dtype} {tuple(grad.shape)}")
-    if {exp_avg.dtype, exp_avg_sq.dtype} not in ({torch.float32}, {torch.uint8}):
+    if {exp_avg.dtype, exp_avg_sq.dtype} not in ({torch.float32}, {torch.bfloat16}, {torch.uint8}):
         raise TypeError(
-            f"adamw_step: exp_avg and exp_avg_sq must both be float32 or both uint8 codes, got "
-            f"{exp_avg.dtype} and {exp_avg_sq.dtype}"
+            f"adamw_step: exp_avg and exp_avg_sq must both be float32, both bfloat16 or both uint8 codes, "
+            f"got {exp_avg.dtype} and {exp_avg_sq.dtype}"
         )
     if exp_avg.shape != (n, k) or exp_avg_sq.shape != (n, k):
         got = f"{tuple(exp_avg.shape)}, {tuple(exp_avg_sq.shape)}"
@@ -110,7 +114,7 @@ def adamw_step_reference(
     Args:
         int_data: ``[N, K]`` int8 codes and ``scale`` ``[N]`` float32: the weight, rewritten.
         grad: ``[N, K]`` float32, float16 or bfloat16 gradient.
-        exp_avg, exp_avg_sq: ``[N, K]`` float32 moments, or uint8 codes of 8-bit states (then
+        exp_avg, exp_avg_sq: ``[N, K]`` float32 or bfloat16 moments, or uint8 codes of 8-bit states (then
             ``exp_avg_scale`` / ``exp_avg_sq_scale`` ``[N * K / 256]`` block absmax and
             ``exp_avg_qmap`` / ``exp_avg_sq_qmap`` ``[256]`` code maps, and ``K % 256 == 0``).
         bias_correction1, bias_correction2: ``1 - beta1**step`` and ``1 - beta2**step``.
@@ -130,8 +134,8 @@ def adamw_step_reference(
     c = _scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2)
     g = -grad.float() if maximize else grad.float()
     p = int_data.float() * scale[:, None]
-    m = _state_value(exp_avg, exp_avg_scale, exp_avg_qmap) if is_8bit else exp_avg.clone()
-    v = _state_value(exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap) if is_8bit else exp_avg_sq.clone()
+    m = _state_value(exp_avg, exp_avg_scale, exp_avg_qmap) if is_8bit else exp_avg.float()
+    v = _state_value(exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap) if is_8bit else exp_avg_sq.float()
     # Written op by op (no lerp/addcmul, which CPU torch computes with fused multiply-adds) so the
     # interpreted kernel, which performs the same ops in the same order, agrees bit for bit.
     p = p * c["decay"]
@@ -163,17 +167,16 @@ def _write_state(x: Tensor, out: Tensor, absmax: Tensor | None, qmap: Tensor | N
 
 # ---- Triton --------------------------------------------------------------------------------------
 @triton.jit
-def _nearest_code(x, qmap_ptr):
+def _nearest_code(x, mid_ptr):
     """Index of the nearest code: how many of the 255 midpoints between codes are < x.
 
-    Branchless binary search, steps 128, 64, ..., 1: the probed midpoint ``pos + step - 1`` is at
-    most 254, so both of its codes exist. Midpoints are formed on the fly from two neighbouring
-    codes (the 1 KB map stays in L1): ``(lo + hi) * 0.5`` is torch's ``(q[1:] + q[:-1]) / 2`` exactly.
+    Branchless binary search over the midpoint table (``(q[1:] + q[:-1]) / 2``, as torch's
+    ``bucketize`` boundaries), steps 128, 64, ..., 1: the probed index ``pos + step - 1`` is at most
+    254. One load per step (the 1 KB table stays in L1).
     """
     pos = tl.zeros(x.shape, dtype=tl.int32)
     for i in tl.static_range(8):
-        probe = pos + ((128 >> i) - 1)
-        mid = (tl.load(qmap_ptr + probe) + tl.load(qmap_ptr + probe + 1)) * 0.5
+        mid = tl.load(mid_ptr + pos + ((128 >> i) - 1))
         pos = tl.where(mid < x, pos + (128 >> i), pos)
     return pos
 
@@ -183,11 +186,13 @@ def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, ro
                   decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
                   STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr,
                   BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
-    """The updated weight and moments (fp32) of one [BLOCK_B, QBLOCK] chunk of a row, from the old ones."""
+    """The updated weight and moments (fp32) of one [BLOCK_B, QBLOCK] chunk of a row, from the old ones.
+
+    ``q_ptr``, ``g_ptr``, ``m_ptr``, ``v_ptr`` point at the row's first element."""
     b = tl.arange(0, BLOCK_B)[:, None]
     cols = k0 + b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = cols < K
-    idx = row * K + cols
+    idx = cols  # int32 offsets within the row: the pointers already point at the row's start
     blk = (row * K + k0) // QBLOCK + b  # 8-bit: the state block of each tile row (QBLOCK = 256)
     bmask = (k0 + b * QBLOCK) < K
     p = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32) * old_scale
@@ -200,42 +205,56 @@ def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, ro
         v = tl.load(vq_ptr + tl.load(v_ptr + idx, mask=mask, other=0).to(tl.int32))
         v = v * tl.load(vs_ptr + blk, mask=bmask, other=0.0)
     else:
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-    # The reference's ops in its order; div_rn / sqrt_rn: IEEE like torch (plain `/` and sqrt are
-    # approximate on NVIDIA GPUs). Masked lanes stay 0 throughout.
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    # The reference's ops in its order. `/` and sqrt are IEEE in the interpreter (bit-exact tests)
+    # and the GPU's fast approximate forms (<= 2 ulp) in the kernel: their IEEE forms (div_rn,
+    # sqrt_rn) cost more instructions than the step's memory traffic hides. Masked lanes stay 0.
     p = p * decay
     m = m + c1 * (g - m)
     v = v * beta2 + c2 * (g * g)
-    denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
-    p = p + neg_step * tl.math.div_rn(m, denom)
+    denom = tl.sqrt(v) / sqrt_bc2 + eps
+    p = p + neg_step * (m / denom)
     return p, m, v, idx, mask, blk, bmask
 
 
 @triton.jit
-def _store_state(x, ptr, absmax_ptr, qmap_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr):
+def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr):
     if STATE_8BIT:
         absmax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)[:, None]  # one per state block
         tl.store(absmax_ptr + blk, absmax, mask=bmask)
-        tl.store(ptr + idx, _nearest_code(tl.math.div_rn(x, absmax), qmap_ptr).to(tl.uint8), mask=mask)
+        tl.store(ptr + idx, _nearest_code(x / absmax, mid_ptr).to(tl.uint8), mask=mask)
+    elif ptr.dtype.element_ty == tl.bfloat16:  # rounded to nearest (even), as torch's bf16 moments
+        tl.store(ptr + idx, _round_to_bf16(x).to(tl.bfloat16), mask=mask)
     else:
         tl.store(ptr + idx, x, mask=mask)
 
 
 @triton.jit
-def _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
-                 mq_ptr, vq_ptr, seed, STATE_8BIT: tl.constexpr, HAS_NOISE: tl.constexpr):  # fmt: skip
-    x = tl.math.div_rn(p, new_scale)
+def _uniform(seed, idx, R: tl.constexpr, C: tl.constexpr):
+    """U[0, 1) per element of an [R, C] tile (C % 4 == 0) whose last dim holds consecutive counters:
+    one Philox call gives 4 draws, element ``4j + i`` takes draw ``i`` of counter ``idx[:, 4j + 3]``."""
+    ctr = tl.max(tl.reshape(idx, (R, C // 4, 4)), axis=2)  # 4j + 3: a distinct counter per group
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.random.uint_to_uniform_float(bits)
+
+
+@triton.jit
+def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
+                 mmid_ptr, vmid_ptr, seed, STATE_8BIT: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
+    x = p / new_scale
     if HAS_NOISE:
         u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
     else:
-        u = tl.rand(seed, idx)  # Philox: one counter per element
+        u = _uniform(seed, rbase + idx, BLOCK_B, QBLOCK)  # counters: global element indices
     lo = tl.floor(x)
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
     tl.store(q_ptr + idx, x.to(tl.int8), mask=mask)
-    _store_state(m, m_ptr, ms_ptr, mq_ptr, idx, mask, blk, bmask, STATE_8BIT)
-    _store_state(v, v_ptr, vs_ptr, vq_ptr, idx, mask, blk, bmask, STATE_8BIT)
+    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT)
+    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT)
 
 
 # A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
@@ -245,6 +264,7 @@ def _adamw_step_kernel(
     q_ptr, s_ptr, g_ptr,  # int8 [N, K] and fp32 [N] (read, then written); grad [N, K]
     m_ptr, v_ptr,  # states [N, K]: fp32, or uint8 codes if STATE_8BIT (read, then written)
     ms_ptr, vs_ptr, mq_ptr, vq_ptr,  # 8-bit only: block absmax [N * K / 256] and code maps [256]
+    mmid_ptr, vmid_ptr,  # 8-bit only: the maps' 255 midpoints (nearest-code search)
     noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -252,28 +272,32 @@ def _adamw_step_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
     old_scale = tl.load(s_ptr + row)
+    # Row pointers, so that per-element offsets are int32 (fewer registers, more programs per SM).
+    rbase = row * K
+    q_row, g_row, m_row, v_row = q_ptr + rbase, g_ptr + rbase, m_ptr + rbase, v_ptr + rbase
+    n_row = noise_ptr + rbase if HAS_NOISE else noise_ptr
     if ONE_PASS:  # the whole row fits one chunk: keep the update in registers
         p, m, v, idx, mask, blk, bmask = _chunk_update(
-            q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, 0, old_scale,
+            q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, 0, old_scale,
             decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
         absmax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
         new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
-        _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
-                     mq_ptr, vq_ptr, seed, STATE_8BIT, HAS_NOISE)  # fmt: skip
+        _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
+                     mmid_ptr, vmid_ptr, seed, STATE_8BIT, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
         acc = tl.zeros((BLOCK_B, QBLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_B * QBLOCK):
             p, m, v, idx, mask, blk, bmask = _chunk_update(
-                q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+                q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
             acc = tl.maximum(acc, tl.abs(p))
         new_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(acc, axis=1), axis=0), 127.0), 1e-12)
         for k0 in range(0, K, BLOCK_B * QBLOCK):  # chunk k0 is read before it is overwritten
             p, m, v, idx, mask, blk, bmask = _chunk_update(
-                q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+                q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
-            _store_chunk(p, m, v, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr,
-                         vs_ptr, mq_ptr, vq_ptr, seed, STATE_8BIT, HAS_NOISE)  # fmt: skip
+            _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
+                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     tl.store(s_ptr + row, new_scale)
 
 
@@ -295,18 +319,18 @@ def _adamw_step_op(
     if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
         qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
         maps = (exp_avg_qmap, exp_avg_sq_qmap)
+        mids = tuple((q[1:] + q[:-1]) * 0.5 for q in maps)  # bucketize's boundaries, as the reference
     else:
-        qblock, block_b = min(triton.next_power_of_2(k), _MAX_BLOCK_K), 1
-        maps = (scale, scale)  # dummy pointers: the kernel reads no map
+        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
+        maps = mids = (scale, scale)  # dummy pointers: the kernel reads no map
     absmaxes = (exp_avg_scale, exp_avg_sq_scale) if is_8bit else (scale, scale)
     wrap_triton(_adamw_step_kernel)[(n,)](
-        int_data, scale, grad, exp_avg, exp_avg_sq, *absmaxes, *maps,
+        int_data, scale, grad, exp_avg, exp_avg_sq, *absmaxes, *maps, *mids,
         noise if noise is not None else scale,  # a dummy pointer when the kernel reads no noise
         k, seed, *scalars,
         STATE_8BIT=is_8bit, MAXIMIZE=maximize, HAS_NOISE=noise is not None,
         ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
-        # ~16 elements per thread: ptxas (sm_90) gives 102-128 registers without spills for 2048-4096
-        # element rows at 8-16 warps; 8 warps on 4096 elements take 181-240 registers.
+        # ~8 elements per thread (see _MAX_BLOCK_K)
         num_warps=min(16, max(4, block_b * qblock // 256)),
     )  # fmt: skip
 

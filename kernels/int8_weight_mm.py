@@ -14,16 +14,31 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
+from .int8_rowwise import _round_to_bf16
 
-__all__ = ["int8_weight_mm", "int8_weight_mm_reference", "int8_weight_mm_triton"]
+__all__ = [
+    "dequantize_rowwise_int8",
+    "dequantize_rowwise_int8_reference",
+    "dequantize_rowwise_int8_triton",
+    "int8_weight_mm",
+    "int8_weight_mm_dense",
+    "int8_weight_mm_reference",
+    "int8_weight_mm_triton",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# From this many rows of x (tokens) on, a GPU matmul is compute-bound: reading 1 byte per weight
+# instead of 2 saves nothing, and cuBLAS on a transient 16-bit copy of W beats the fused kernel
+# (whose in-register int8 -> bf16 conversion slows its wgmma pipeline). Below it, the fused kernel
+# wins by never writing that copy. Crossover measured on H100: benchmarks/train_step.py, matmul table.
+DENSE_MIN_ROWS = 2048
 
 
 def _check_args(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> None:
@@ -255,14 +270,78 @@ def int8_weight_mm_triton(
     return y.reshape(*lead, y.shape[-1])
 
 
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, w_ptr, K, BLOCK: tl.constexpr):
+    """``w[r, :] = int_data[r, :] * scale[r]`` (fp32 product, rounded once to w's dtype)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < K
+    w = tl.load(q_ptr + row * K + cols, mask=mask, other=0).to(tl.float32) * tl.load(s_ptr + row)
+    if w_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter's fp32 -> bf16 cast truncates
+        w = _round_to_bf16(w)
+    tl.store(w_ptr + row * K + cols, w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_rowwise_int8_reference(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``int_data [N, K] * scale [N, 1]`` in ``dtype``: the fp32 product, rounded once to ``dtype``."""
+    return (int_data * scale.float()[:, None]).to(dtype)
+
+
+def dequantize_rowwise_int8_triton(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Triton version of :func:`dequantize_rowwise_int8_reference` (bit for bit): one pass, reading
+    1 byte and writing 2 per weight."""
+    n, k = int_data.shape
+    q = int_data.contiguous()
+    w = torch.empty((n, k), dtype=dtype, device=q.device)
+    if w.numel():
+        block = min(2048, triton.next_power_of_2(k))
+        _dequantize_kernel[(n, triton.cdiv(k, block))](q, scale.float().contiguous(), w, k, BLOCK=block, num_warps=4)
+    return w
+
+
+def dequantize_rowwise_int8(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float weight of ``(int_data, scale)`` in ``dtype``: Triton on CUDA, else the reference."""
+    impl = dequantize_rowwise_int8_triton if use_triton(int_data) else dequantize_rowwise_int8_reference
+    return impl(int_data, scale, dtype)
+
+
+# One opaque op: under torch.compile the transient 16-bit W never enters the graph, so the
+# partitioner cannot save it for backward (a 2-byte-per-weight copy of every layer kept alive).
+@torch.library.custom_op("quantframe::int8_weight_mm_dense", mutates_args=())
+def _int8_weight_mm_dense_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> Tensor:
+    w = dequantize_rowwise_int8(int_data, scale, x.dtype)
+    if transpose:
+        return x @ w
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_int8_weight_mm_dense_op.register_fake
+def _(x, int_data, scale, bias, transpose):
+    return x.new_empty(*x.shape[:-1], int_data.shape[1] if transpose else int_data.shape[0])
+
+
+def int8_weight_mm_dense(
+    x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None = None, transpose: bool = False
+) -> Tensor:
+    """The compute-bound path: ``W`` dequantized once to ``x.dtype`` (a transient ``[N, K]`` copy, freed
+    at once), then the dense (cuBLAS) matmul. Same arguments, result (to ``x.dtype`` rounding of
+    ``W``) and errors as :func:`int8_weight_mm_reference`."""
+    _check_args(x, int_data, scale, bias, transpose)
+    return torch.ops.quantframe.int8_weight_mm_dense(x, int_data, scale, bias, transpose)
+
+
 def int8_weight_mm(
     x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None = None, transpose: bool = False
 ) -> Tensor:
-    """``x [..., K] @ (int_data [N, K] * scale [N, 1]).T (+ bias [N])``: Triton on CUDA, else reference.
+    """``x [..., K] @ (int_data [N, K] * scale [N, 1]).T (+ bias [N])``: on CUDA the fused Triton kernel
+    below ``DENSE_MIN_ROWS`` rows of x and :func:`int8_weight_mm_dense` from there on; elsewhere the
+    reference.
 
     With ``transpose=True``: ``x [..., N] @ (int_data * scale[:, None]) -> [..., K]``. See
     :func:`int8_weight_mm_reference` for dtypes and errors.
     """
     if use_triton(x):
+        if x.dim() and x.shape[-1] and x.numel() // x.shape[-1] >= DENSE_MIN_ROWS:
+            return int8_weight_mm_dense(x, int_data, scale, bias, transpose)
         return int8_weight_mm_triton(x, int_data, scale, bias, transpose)
     return int8_weight_mm_reference(x, int_data, scale, bias, transpose)

@@ -55,3 +55,23 @@ def test_optim_flag_picks_adamw8bit_and_rejects_unknown(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--optim", "sgd"])
     assert e.value.code == 2 and "valid: adamw, adamw8bit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, dim, steps", [("cpu", 128, 450), ("cuda", 384, 800)])
+def test_model_size_defaults_follow_the_device(monkeypatch, device, dim, steps):
+    import quantframe.cli as cli
+
+    class Seen(Exception):
+        pass
+
+    def fake_train(cfg, progress):
+        raise Seen(cfg)
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    with pytest.raises(Seen) as seen:
+        main(["train", "--device", device, "--no-plot", "--no-progress"])
+    cfg = seen.value.args[0]
+    assert (cfg.dim, cfg.steps, cfg.device) == (dim, steps, device)
+    with pytest.raises(Seen) as seen:  # an explicit flag wins on any device
+        main(["train", "--device", device, "--dim", "96", "--no-plot", "--no-progress"])
+    assert seen.value.args[0].dim == 96 and seen.value.args[0].steps == steps

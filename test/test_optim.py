@@ -39,6 +39,49 @@ def test_plain_params_match_torch_adamw(amsgrad, maximize):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_params_with_their_dtype_states_match_torch_adamw_bitwise():
+    # state_dtype=None: moments in the parameter's dtype, as torch's AdamW; the plain parameters then
+    # take torch's own fused kernel, so the result is torch's (fused=True) bit for bit.
+    a, b = mlp().bfloat16(), mlp().bfloat16()
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    for model, opt in ((a, AdamW(a.parameters(), state_dtype=None, **kw)), (b, torch.optim.AdamW(b.parameters(), fused=True, **kw))):
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(16, 32, dtype=torch.bfloat16)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert {s["exp_avg"].dtype for s in AdamW(a.parameters(), state_dtype=None).state.values()} <= {torch.bfloat16}
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "param"])
+def test_state_dtype_of_int8_and_plain_params(state_dtype):
+    m = mlp().bfloat16()
+    quantize_(m, int8_weight_only_quantized_training())
+    opt = AdamW(m.parameters(), lr=1e-2, state_dtype=state_dtype)
+    m(torch.randn(4, 32, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    want = state_dtype or torch.bfloat16  # an INT8 weight's dtype is its gradient's: bf16 here
+    for p in m.parameters():
+        assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == want
+        assert opt.state[p]["exp_avg"].abs().sum() > 0
+    fresh = AdamW(m.parameters(), lr=1e-2, state_dtype=state_dtype)
+    fresh.load_state_dict(opt.state_dict())  # torch casts states to bf16; the group's dtype wins
+    assert {fresh.state[p]["exp_avg"].dtype for p in m.parameters()} == {want}
+
+
+def test_int8_training_with_bf16_states_follows_fp32_states():
+    runs = []
+    for state_dtype in (torch.float32, torch.bfloat16):
+        m = mlp()
+        quantize_(m, int8_weight_only_quantized_training())
+        torch.manual_seed(0)
+        runs.append(train(m, AdamW(m.parameters(), lr=1e-2, state_dtype=state_dtype), steps=30))
+    assert runs[1][-1] < 0.5 * runs[1][0]
+    assert abs(runs[1][-1] - runs[0][-1]) < 0.1 * runs[0][-1]
+
+
 def test_quantized_params_are_requantized_once_per_step(monkeypatch):
     # Int8 weights take the fused step (quantframe.kernels.adamw_step: dequantize, fp32 AdamW,
     # stochastic-rounding requantize, all in one pass): one call per weight and step.
@@ -118,7 +161,8 @@ def test_state_dict_round_trip_continues_identically():
 @pytest.mark.parametrize(
     "kw, msg",
     [(dict(lr=-1.0), "invalid learning rate -1.0"), (dict(betas=(1.0, 0.9)), "invalid betas"), (dict(eps=-1.0), "invalid eps"),
-     (dict(weight_decay=-0.1), "invalid weight_decay")],
+     (dict(weight_decay=-0.1), "invalid weight_decay"),
+     (dict(state_dtype=torch.float16), r"invalid state_dtype torch.float16; expected torch.float32, torch.bfloat16 or None")],
 )
 def test_bad_hyperparameters_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):

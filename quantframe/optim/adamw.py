@@ -21,6 +21,8 @@ from quantframe.tensor import QuantTensor
 
 __all__ = ["AdamW", "AdamW8bit"]
 
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameter or state), or the tensor itself."""
@@ -28,8 +30,10 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _fp32(state: Tensor) -> Tensor:
-    """An fp32 working copy of a moment: the state itself (fp32, updated in place) or its value (8-bit)."""
-    return state.dequantize(torch.float32) if isinstance(state, QuantTensor) else state
+    """An fp32 working copy of a moment: the state itself (fp32, updated in place) or its value (bf16, 8-bit)."""
+    if isinstance(state, QuantTensor):
+        return state.dequantize(torch.float32)
+    return state if state.dtype == torch.float32 else state.float()
 
 
 def _write_back(state: Tensor, value: Tensor) -> None:
@@ -65,15 +69,48 @@ def _fused_states(exp_avg: Tensor, exp_avg_sq: Tensor, rows: int, k: int) -> tup
         parts = dict(exp_avg_scale=exp_avg.scale, exp_avg_sq_scale=exp_avg_sq.scale,
                      exp_avg_qmap=exp_avg.qmap, exp_avg_sq_qmap=exp_avg_sq.qmap)  # fmt: skip
         return [s.codes.view(rows, k) for s in pair], parts
-    if all(not isinstance(s, QuantTensor) and s.dtype == torch.float32 and s.is_contiguous() for s in pair):
+    plain = [not isinstance(s, QuantTensor) and s.is_contiguous() for s in pair]
+    if all(plain) and exp_avg.dtype == exp_avg_sq.dtype and exp_avg.dtype in _STATE_DTYPES:
         return ([s.view(rows, k) for s in pair], {}) if exp_avg.numel() == rows * k else None
     return None
+
+
+def _fusable_plain(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, group: dict) -> bool:
+    """Whether torch's own fused AdamW kernel can update this plain parameter (its math is this class's)."""
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    return (
+        not group["amsgrad"]
+        and not (group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+        and param.dtype in _STATE_DTYPES + (torch.float16,)
+        and all(type(t) is torch.Tensor and t.dtype == param.dtype and t.layout == torch.strided for t in tensors)
+    )
+
+
+def _fused_plain_step(items: list[tuple[Tensor, Tensor, Tensor, Tensor, float]], group: dict) -> None:
+    """torch's fused AdamW over plain parameters whose moments share their dtype: one launch per
+    (device, dtype) instead of ~10 elementwise kernels per parameter. ``items``: (param, grad,
+    exp_avg, exp_avg_sq, step after this update)."""
+    beta1, beta2 = group["betas"]
+    by_key: dict[tuple, list] = {}
+    for item in items:
+        by_key.setdefault((item[0].device, item[0].dtype), []).append(item)
+    for (device, _), batch in by_key.items():
+        params, grads, ms, vs, steps = map(list, zip(*batch))
+        step_t = torch.tensor(steps, dtype=torch.float32).to(device, non_blocking=True).unbind()
+        torch._fused_adamw_(
+            params, grads, ms, vs, [], list(step_t), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=group["maximize"],
+        )  # fmt: skip
 
 
 class AdamW(torch.optim.Optimizer):
     """Drop-in for ``torch.optim.AdamW`` (same arguments, same math for plain parameters).
 
-    All math is fp32 and the moments are fp32, whatever the parameter dtype. A quantized
+    All math is fp32. The moments are fp32 by default, whatever the parameter dtype;
+    ``state_dtype=torch.bfloat16`` stores them in bf16 (rounded to nearest, 4 bytes of state per
+    parameter instead of 8) and ``state_dtype=None`` in each parameter's dtype, as torch's AdamW
+    does (bf16 for a bf16 model; an INT8 weight's dtype is its gradient's). Plain parameters whose
+    moments share their dtype take torch's fused AdamW kernel (one launch for all of them). A quantized
     parameter (any :class:`~quantframe.QuantTensor` with ``requantize_``) is dequantized once,
     updated in fp32 and written back once with stochastic rounding — torch's AdamW would
     requantize after each of its in-place ops. With ``bf16_stochastic_round=True``, bf16
@@ -99,6 +136,7 @@ class AdamW(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         bf16_stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = torch.float32,
     ):
         if not lr >= 0.0:
             raise ValueError(f"AdamW: invalid learning rate {lr}")
@@ -108,9 +146,14 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: invalid betas {betas}; each must be in [0, 1)")
         if not weight_decay >= 0.0:
             raise ValueError(f"AdamW: invalid weight_decay {weight_decay}")
+        if state_dtype not in (*_STATE_DTYPES, None):
+            raise ValueError(
+                f"AdamW: invalid state_dtype {state_dtype}; expected torch.float32, torch.bfloat16 or None "
+                f"(each parameter's dtype)"
+            )
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, bf16_stochastic_round=bf16_stochastic_round,
+            maximize=maximize, bf16_stochastic_round=bf16_stochastic_round, state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -121,18 +164,27 @@ class AdamW(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = self._zeros(p, group, signed=False)
         return state
 
+    @staticmethod
+    def _state_dtype(p: Tensor, group: dict) -> torch.dtype:
+        want = group.get("state_dtype", torch.float32)  # absent in a state_dict of an older version
+        return p.dtype if want is None else want
+
     def _zeros(self, p: Tensor, group: dict, signed: bool) -> Tensor:
-        """A zero moment for ``p``: fp32, shaped (and, for a DTensor, sharded) like ``p``."""
-        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        """A zero moment for ``p`` in the group's state dtype, shaped (and, for a DTensor, sharded) like ``p``."""
+        return torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # torch.optim casts each floating state to its parameter's dtype (bf16 for a bf16 model);
-        # the moments here stay fp32 (an 8-bit state only changes its outer dtype back).
-        for state in self.state.values():
-            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if name in state and state[name].dtype != torch.float32:
-                    state[name] = state[name].float()
+        # the moments here take the group's state dtype (an 8-bit state only changes its outer dtype back).
+        for group in self.param_groups:
+            group.setdefault("state_dtype", torch.float32)
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if name in state:
+                        quantized = isinstance(_local(state[name]), QuantTensor)  # its outer dtype is fp32
+                        state[name] = state[name].to(torch.float32 if quantized else self._state_dtype(p, group))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,6 +193,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            plain = []  # parameters for torch's fused kernel, updated together after the loop
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -149,7 +202,15 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
-                self._update(p, state, group)
+                param, grad = _local(p), _local(p.grad)
+                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                if _fusable_plain(param, grad, exp_avg, exp_avg_sq, group):
+                    state["step"] += 1
+                    plain.append((param, grad, exp_avg, exp_avg_sq, state["step"].item()))
+                else:
+                    self._update(p, state, group)
+            if plain:
+                _fused_plain_step(plain, group)
         return loss
 
     def _update(self, p: Tensor, state: dict, group: dict) -> None:
@@ -222,7 +283,7 @@ class AdamW8bit(AdamW):
     ``exp_avg`` (signed map) and ``exp_avg_sq`` (unsigned map) are stored as uint8 codes with an
     fp32 absmax per block of 256 elements: ~2 bytes of state per parameter instead of 8. The math
     stays fp32; each moment is re-quantized once per step. Parameters with fewer than
-    ``min_8bit_size`` elements keep fp32 moments (their memory is negligible and small tensors are
+    ``min_8bit_size`` elements keep moments in ``state_dtype`` (as :class:`AdamW`) (their memory is negligible and small tensors are
     the sensitive ones: biases, norms). The size is the parameter's *global* numel, so a model
     gets the same states sharded (FSDP2) or not (unlike pytorch/ao#4912, which decides on the
     local shard). With INT8 weights (``int8_weight_only_quantized_training``) that is 1 byte of
@@ -236,11 +297,12 @@ class AdamW8bit(AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 bf16_stochastic_round: bool = False, min_8bit_size: int = 4096):  # fmt: skip
+                 bf16_stochastic_round: bool = False, min_8bit_size: int = 4096,
+                 state_dtype: torch.dtype | None = torch.float32):  # fmt: skip
         if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
             raise ValueError(f"AdamW8bit: invalid min_8bit_size {min_8bit_size!r}; expected an int >= 0")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         bf16_stochastic_round=bf16_stochastic_round)  # fmt: skip
+                         bf16_stochastic_round=bf16_stochastic_round, state_dtype=state_dtype)  # fmt: skip
         self.defaults["min_8bit_size"] = min_8bit_size  # for groups added later (add_param_group)
         for group in self.param_groups:
             group.setdefault("min_8bit_size", min_8bit_size)

@@ -6,7 +6,14 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 import pytest
 import torch
 
-from quantframe.kernels.int8_weight_mm import int8_weight_mm, int8_weight_mm_reference, int8_weight_mm_triton
+from quantframe.kernels.int8_weight_mm import (
+    dequantize_rowwise_int8_reference,
+    dequantize_rowwise_int8_triton,
+    int8_weight_mm,
+    int8_weight_mm_dense,
+    int8_weight_mm_reference,
+    int8_weight_mm_triton,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (atol, rtol) of Triton vs reference: both accumulate in fp32 but sum in another order, so
@@ -14,7 +21,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
 # (transpose, has_bias): the input gradient (transpose=True) takes no bias.
 LAYOUTS = {"fwd": (False, False), "fwd-bias": (False, True), "bwd": (True, False)}
-IMPLS = {"reference": int8_weight_mm_reference, "triton": int8_weight_mm_triton}
+IMPLS = {"reference": int8_weight_mm_reference, "triton": int8_weight_mm_triton, "dense": int8_weight_mm_dense}
+# The dense path rounds W = int_data * scale to x.dtype before the matmul (as a 16-bit layer would).
+DENSE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 
 
 def _operands(lead, n, k, dtype, transpose, has_bias):
@@ -79,6 +88,32 @@ def test_triton_matches_reference(m, n, k, transpose, has_bias, dtype):
     assert y.dtype == dtype and y.shape == y_ref.shape == (m, k if transpose else n)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m, n, k, transpose, has_bias, dtype", MM_CASES)
+def test_dense_matches_reference(m, n, k, transpose, has_bias, dtype):
+    x, int_data, scale, bias = _operands((2, m), n, k, dtype, transpose, has_bias)
+    y = int8_weight_mm_dense(x, int_data, scale, bias, transpose)
+    y_ref = int8_weight_mm_reference(x, int_data, scale, bias, transpose)
+    assert y.dtype == dtype and y.shape == y_ref.shape == (2, m, k if transpose else n)
+    atol, rtol = DENSE_TOL[dtype]
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("n, k", [(1, 1), (3, 33), (2, 2100)], ids=["1x1", "3x33", "2x2100-two-blocks"])
+def test_dequantize_triton_matches_reference_exactly(n, k, dtype):
+    int_data = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) * 0.02 + 0.001
+    w = dequantize_rowwise_int8_triton(int_data, scale, dtype)
+    assert w.dtype == dtype and torch.equal(w, dequantize_rowwise_int8_reference(int_data, scale, dtype))
+
+
+def test_dequantize_rounds_to_nearest_bf16():
+    # 1 + 2**-8 + 2**-9 lies 3/4 of the way from bf16's 1 + 2**-8 to 1 + 2**-7: nearest is the latter
+    scale = torch.tensor([1 + 2**-8 + 2**-9])
+    w = dequantize_rowwise_int8_triton(torch.ones(1, 1, dtype=torch.int8), scale, torch.bfloat16)
+    assert w.item() == 1 + 2**-7
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
