@@ -96,7 +96,10 @@ def _fused_plain_step(items: list[tuple[Tensor, Tensor, Tensor, Tensor, float]],
         by_key.setdefault((item[0].device, item[0].dtype), []).append(item)
     for (device, _), batch in by_key.items():
         params, grads, ms, vs, steps = map(list, zip(*batch))
-        step_t = torch.tensor(steps, dtype=torch.float32).to(device, non_blocking=True).unbind()
+        step_t = torch.tensor(steps, dtype=torch.float32)
+        if device.type == "cuda":  # pinned: a pageable host-to-device copy would wait for the GPU to drain
+            step_t = step_t.pin_memory().to(device, non_blocking=True)
+        step_t = step_t.unbind()
         torch._fused_adamw_(
             params, grads, ms, vs, [], list(step_t), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
             weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=group["maximize"],
