@@ -197,4 +197,5 @@ def test_triton_matches_reference_on_cuda(shape, states):
             # a bf16 moment may round the other way (one bf16 ulp, 2**-8 relative), rarely
             tol = dict(rtol=2**-7, atol=0.0) if t.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out[name], t, **tol, msg=name)
-            assert (out[name] != t).float().mean() < 1e-3, name
+            if t.dtype == torch.bfloat16:  # the one-ulp tolerance is wide there: few may use it
+                assert (out[name] != t).float().mean() < 1e-3, name

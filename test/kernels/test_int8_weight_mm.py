@@ -188,3 +188,20 @@ def test_bad_input_raises(impl, kwargs, exc, match):
     args = dict(x=torch.randn(5, 33), int_data=_Q, scale=_S, bias=None, transpose=False) | kwargs
     with pytest.raises(exc, match=match):
         impl(**args)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "bwd"])
+def test_dense_path_is_one_opaque_op_under_compile(transpose):
+    # Under torch.compile the dense path is the custom op quantframe::int8_weight_mm_dense, so the
+    # transient 16-bit weight never enters the graph (and cannot be saved for backward).
+    x, int_data, scale, _ = _operands((2, 5), 7, 33, torch.bfloat16, transpose, False)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(int8_weight_mm_dense, fullgraph=True, backend=backend)
+    assert torch.equal(compiled(x, int_data, scale, None, transpose), int8_weight_mm_dense(x, int_data, scale, None, transpose))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets == ["quantframe.int8_weight_mm_dense"]
