@@ -301,7 +301,12 @@ def _adamw_step_kernel(
     tl.store(s_ptr + row, new_scale)
 
 
-def _adamw_step_launch(
+# triton_op + wrap_triton let torch.compile trace into the kernel (e.g. a compiled optimizer step).
+@triton_op(
+    "quantframe::adamw_step",
+    mutates_args={"int_data", "scale", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"},
+)
+def _adamw_step_op(
     int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     exp_avg_scale: Tensor | None, exp_avg_sq_scale: Tensor | None, exp_avg_qmap: Tensor | None,
     exp_avg_sq_qmap: Tensor | None, noise: Tensor | None, scalars: list[float], seed: int, maximize: bool,
@@ -330,14 +335,6 @@ def _adamw_step_launch(
     )  # fmt: skip
 
 
-# triton_op + wrap_triton let torch.compile trace into the kernel (e.g. a compiled optimizer step);
-# eager calls skip the op's dispatch (tens of microseconds per weight and step) and launch directly.
-_adamw_step_op = triton_op(
-    "quantframe::adamw_step",
-    mutates_args={"int_data", "scale", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"},
-)(_adamw_step_launch)
-
-
 def adamw_step_triton(
     int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -356,8 +353,7 @@ def adamw_step_triton(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if noise is None else 0
     scalars = list(_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2).values())
-    launch = torch.ops.quantframe.adamw_step if torch.compiler.is_compiling() else _adamw_step_launch
-    launch(
+    torch.ops.quantframe.adamw_step(
         int_data, scale, grad.contiguous(), exp_avg, exp_avg_sq, *states8,
         noise.contiguous() if noise is not None else None, scalars, seed, maximize,
     )  # fmt: skip

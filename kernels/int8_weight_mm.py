@@ -305,19 +305,14 @@ def dequantize_rowwise_int8(int_data: Tensor, scale: Tensor, dtype: torch.dtype)
     return impl(int_data, scale, dtype)
 
 
-def _int8_weight_mm_dense_impl(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> Tensor:
+# One opaque op: under torch.compile the transient 16-bit W never enters the graph, so the
+# partitioner cannot save it for backward (a 2-byte-per-weight copy of every layer kept alive).
+@torch.library.custom_op("quantframe::int8_weight_mm_dense", mutates_args=())
+def _int8_weight_mm_dense_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> Tensor:
     w = dequantize_rowwise_int8(int_data, scale, x.dtype)
     if transpose:
         return x @ w
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-# One opaque op under torch.compile: the transient 16-bit W never enters the graph, so the
-# partitioner cannot save it for backward (a 2-byte-per-weight copy of every layer kept alive).
-# Eager calls run the function itself (the op's dispatch costs tens of microseconds a call).
-_int8_weight_mm_dense_op = torch.library.custom_op("quantframe::int8_weight_mm_dense", mutates_args=())(
-    _int8_weight_mm_dense_impl
-)
 
 
 @_int8_weight_mm_dense_op.register_fake
@@ -332,8 +327,7 @@ def int8_weight_mm_dense(
     at once), then the dense (cuBLAS) matmul. Same arguments, result (to ``x.dtype`` rounding of
     ``W``) and errors as :func:`int8_weight_mm_reference`."""
     _check_args(x, int_data, scale, bias, transpose)
-    impl = torch.ops.quantframe.int8_weight_mm_dense if torch.compiler.is_compiling() else _int8_weight_mm_dense_impl
-    return impl(x, int_data, scale, bias, transpose)
+    return torch.ops.quantframe.int8_weight_mm_dense(x, int_data, scale, bias, transpose)
 
 
 def int8_weight_mm(
