@@ -55,6 +55,24 @@ def test_bf16_params_with_their_dtype_states_match_torch_adamw_bitwise():
     assert {s["exp_avg"].dtype for s in AdamW(a.parameters(), state_dtype=None).state.values()} <= {torch.bfloat16}
 
 
+def test_plain_params_take_torchs_fused_kernel_in_one_call(monkeypatch):
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *a, **kw: calls.append(len(params)) or fused(params, *a, **kw))
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())  # 2 INT8 weights (own kernel) + 2 plain biases
+    train(m, AdamW(m.parameters(), lr=1e-2), steps=2)
+    assert calls == [2, 2]
+    calls.clear()
+    params = list(mlp().bfloat16().parameters())  # bf16 params with fp32 moments: the fp32-copy path
+    for p in params:
+        p.grad = torch.randn_like(p)
+    AdamW(params, lr=1e-2).step()
+    assert calls == []
+    AdamW(params, lr=1e-2, state_dtype=None).step()  # bf16 moments: torch's kernel, all four at once
+    assert calls == [4]
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "param"])
 def test_state_dtype_of_int8_and_plain_params(state_dtype):
     m = mlp().bfloat16()

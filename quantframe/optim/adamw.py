@@ -22,6 +22,7 @@ from quantframe.tensor import QuantTensor
 __all__ = ["AdamW", "AdamW8bit"]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not a QuantTensor, DTensor or other subclass
 
 
 def _local(t: Tensor) -> Tensor:
@@ -82,7 +83,7 @@ def _fusable_plain(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
         not group["amsgrad"]
         and not (group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
         and param.dtype in _STATE_DTYPES + (torch.float16,)
-        and all(type(t) is torch.Tensor and t.dtype == param.dtype and t.layout == torch.strided for t in tensors)
+        and all(type(t) in _PLAIN_TYPES and t.dtype == param.dtype and t.layout == torch.strided for t in tensors)
     )
 
 

@@ -1,0 +1,413 @@
+"""Matmul of float activations with an affine 8- or 4-bit weight, dequantized inside the kernel.
+
+``y [..., N] = x [..., K] @ W.T (+ bias [N])`` with ``W[n, k] = (code[n, k] - zero_point[n, g]) *
+scale[n, g]``, ``g = k // group_size`` (the layout of :class:`quantframe.affine.AffineQuantizedTensor`).
+Each program reads its slice of the packed weight once and never writes ``W`` in float:
+
+* ``M <= 16`` rows of x (decode): ``_affine_gemv_kernel``, one program per ``BLOCK_N`` output
+  features holding all rows of x, a multiply-and-sum on CUDA cores (no tensor-core padding of M).
+* more rows (prefill): ``_affine_gemm_kernel``, ``tl.dot`` tiles in x's 16-bit dtype.
+
+Both subtract the zero point in registers (codes minus zero point are small integers, exact in
+bf16/fp16) and apply the scale to the fp32 partial sum of each ``BLOCK_K`` slice, which never
+straddles a group (``BLOCK_K`` divides ``group_size``). Accumulation is fp32; the result is cast to
+``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from quantframe import primitives as P
+
+from . import use_triton
+
+__all__ = ["affine_mm", "affine_mm_reference", "affine_mm_triton"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_BITS = (8, 4)
+_CODES_PER_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # K must be a multiple of this (3-bit: 8 codes in 3 bytes)
+GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+
+
+def _check_args(
+    x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None, bias: Tensor | None
+) -> None:
+    """Raise TypeError / ValueError naming the bad argument, its value and what is allowed."""
+    if bits not in _CODES_PER_UNIT:
+        raise ValueError(f"affine_mm: bits={bits!r} is not supported; expected one of (8, 4, 3, 2)")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"affine_mm: x.dtype={x.dtype}, expected a float dtype")
+    allowed = (torch.int8, torch.uint8) if bits == 8 else (torch.uint8,)
+    if qdata.dtype not in allowed:
+        raise TypeError(f"affine_mm: qdata.dtype={qdata.dtype}, expected {' or '.join(map(str, allowed))} for bits={bits}")
+    if not scale.is_floating_point():
+        raise TypeError(f"affine_mm: scale.dtype={scale.dtype}, expected a float dtype")
+    if zero_point.is_floating_point() or zero_point.is_complex() or zero_point.dtype == torch.bool:
+        raise TypeError(f"affine_mm: zero_point.dtype={zero_point.dtype}, expected an integer dtype (int32)")
+    if qdata.dim() != 2:
+        raise ValueError(f"affine_mm: qdata must be 2-D [N, K * bits // 8], got shape {tuple(qdata.shape)}")
+    if x.dim() == 0:
+        raise ValueError("affine_mm: x must have at least one dim [..., K], got a scalar")
+    n, k = qdata.shape[0], x.shape[-1]
+    per = _CODES_PER_UNIT[bits]
+    if k % per:
+        raise ValueError(f"affine_mm: {bits}-bit packing needs K={k} (x.shape[-1]) to be a multiple of {per}")
+    if qdata.shape[1] != k * bits // 8:
+        raise ValueError(
+            f"affine_mm: qdata.shape={tuple(qdata.shape)} does not hold K={k} {bits}-bit codes per row "
+            f"(expected [N, {k * bits // 8}]; K is x.shape[-1]={k})"
+        )
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"affine_mm: group_size={group_size!r} must be None (per row) or a positive int")
+    if group_size is not None and k % group_size:
+        raise ValueError(f"affine_mm: group_size={group_size} must divide K={k}")
+    g = 1 if group_size is None else k // group_size
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t.shape != (n, g):
+            raise ValueError(
+                f"affine_mm: {name}.shape={tuple(t.shape)}, expected ({n}, {g}) for N={n}, K={k}, group_size={group_size}"
+            )
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"affine_mm: bias.dtype={bias.dtype}, expected a float dtype")
+        if bias.shape != (n,):
+            raise ValueError(f"affine_mm: bias.shape={tuple(bias.shape)}, expected ({n},)")
+    devices = {t.device for t in (x, qdata, scale, zero_point, bias) if t is not None}
+    if len(devices) > 1:
+        got = sorted(map(str, devices))
+        raise ValueError(f"affine_mm: x, qdata, scale, zero_point and bias must share a device, got {got}")
+
+
+def _dequantize(qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """fp32 ``W [N, K]`` of the codes (the numerics of ``AffineQuantizedTensor.dequantize``)."""
+    codes = qdata if bits == 8 else P.unpack_bits(qdata, bits)
+    return P.dequantize(codes, scale, zero_point, torch.float32)
+
+
+def affine_mm_reference(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``x @ dequant(qdata, scale, zero_point).T (+ bias)`` in fp32, cast to ``x.dtype``.
+
+    Args:
+        x: ``[..., K]`` float activations.
+        qdata: ``[N, K]`` int8 / uint8 codes (bits 8), or uint8 ``[N, K * bits // 8]`` codes packed
+            by :func:`quantframe.primitives.pack_bits` (bits 4, 3, 2).
+        scale: ``[N, G]`` float; ``zero_point``: ``[N, G]`` integer (int32); ``G = 1`` when
+            ``group_size`` is None, else ``K // group_size``.
+        bits: 8, 4, 3 or 2 (the Triton kernels take 8 and 4).
+        group_size: None (one group per row) or a divisor of ``K``.
+        bias: ``[N]`` float or None.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+
+    Raises:
+        TypeError: a wrong dtype (x / scale / bias not float, qdata not int8/uint8, zero_point float).
+        ValueError: unsupported bits, mismatched shapes or devices, a group_size not dividing K, or
+            a K that is not a multiple of the packing unit (even for 4 bits).
+    """
+    _check_args(x, qdata, scale, zero_point, bits, group_size, bias)
+    w = _dequantize(qdata, scale, zero_point, bits)
+    # One op: the aten trace (and its snapshot in test/test_affine.py) is that of a dense layer.
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _codes_minus_zero(
+    q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """int32 ``code - zero_point`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (group ``g``);
+    lanes past ``K`` hold ``-zero_point`` and must meet zeros of x."""
+    if BITS == 8:
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        q = tl.load(
+            q_ptr + offs_n[:, None] * stride_qn + rk[None, :] * stride_qk,
+            mask=mask_n[:, None] & (rk < K)[None, :],
+            other=0,
+        ).to(tl.int32)  # int8 sign-extends, uint8 zero-extends
+    else:
+        # Two codes per byte, element 2i in the low nibble: split, then interleave back along K.
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+        p = tl.load(
+            q_ptr + offs_n[:, None] * stride_qn + rb[None, :] * stride_qk,
+            mask=mask_n[:, None] & (rb < K // 2)[None, :],
+            other=0,
+        ).to(tl.int32)
+        q = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K))
+    z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
+    return q - z[:, None]
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemv_configs() -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K) candidates for 4 warps; the interpreter gets one small config."""
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """``BLOCK_K`` must divide the group; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product must fit in
+    registers (<= 64 fp32 values a thread at 4 warps)."""
+    group, block_m = kwargs["GROUP_SIZE"], kwargs["BLOCK_M"]
+    ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+    fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
+    return fit or ok[:1]
+
+
+@triton.autotune(
+    configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune_gemv}
+)
+@triton.jit
+def _affine_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # x [M, K], qdata, scale/zero_point [N, G], bias [N], y [M, N]
+    M, N, K,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, stride_yn,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # 0: one group per row
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: one scale per row of a tile
+):  # fmt: skip
+    # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
+    # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
+        w = _codes_minus_zero(
+            q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N, BLOCK_K
+        ).to(tl.float32)
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        xt = tl.load(
+            x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+            mask=(rk < K)[:, None] & mask_m[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_K, BLOCK_M]; zeros past K cancel the -zero_point lanes of w
+        part = tl.sum(w[:, :, None] * xt[None, :, :], axis=1)  # [BLOCK_N, BLOCK_M], exact codes x fp32 x
+        if GROUP_SIZE == 0:
+            acc += part
+        else:
+            acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+    if GROUP_SIZE == 0:  # per row: one multiply per output, not per weight
+        acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+def _gemm_configs() -> list[triton.Config]:
+    """Autotune candidates for Hopper; the interpreter gets one small config."""
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [  # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages); not yet measured on a GPU
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 3),
+        (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 32, 128, 4, 3), (128, 256, 64, 8, 3),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, m, k, w, st in shapes
+    ]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """``BLOCK_K`` must divide the group; skip token tiles far larger than the problem."""
+    group, m = kwargs["GROUP_SIZE"], named_args["M"]
+    ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+    small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
+    return small or ok
+
+
+@triton.autotune(
+    configs=_gemm_configs(), key=["M", "N", "K", "BITS", "GROUP_SIZE", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune_gemm}
+)
+@triton.jit
+def _affine_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # as in _affine_gemv_kernel
+    M, N, K,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, stride_yn,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # 0: one group per row
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # fp32 tiles (fp32 x, or the interpreter); else x's 16-bit dtype
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE
+):  # fmt: skip
+    # y.T [N, M] = W [N, K] @ x.T [K, M]: the dequantized weight is the dot's first operand, which
+    # Hopper's wgmma may take from registers (as in int8_weight_mm). Programs along axis 0 share
+    # one x tile, read from L2.
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
+        w = _codes_minus_zero(
+            q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N, BLOCK_K
+        )
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        xt = tl.load(
+            x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+            mask=(rk < K)[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        # code - zero_point lies in [-255, 255]: exact in bf16/fp16, so the products are exact.
+        if DOT_FP32:  # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16)
+            wt, xt = w.to(tl.float32), xt.to(tl.float32)
+        else:
+            wt = w.to(xt.dtype)
+        if GROUP_SIZE == 0:
+            acc = tl.dot(wt, xt, acc, input_precision="ieee" if DOT_FP32 else None)
+        else:  # the scale of this slice's group, on its fp32 partial sum
+            part = tl.dot(wt, xt, input_precision="ieee" if DOT_FP32 else None)
+            acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+    if GROUP_SIZE == 0:
+        acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
+# TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
+@triton_op("quantframe::affine_mm", mutates_args=())
+def _affine_mm_op(
+    x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int, bias: Tensor | None
+) -> Tensor:
+    """2-D ``x [M, K]``; ``group_size`` 0 = per row; arguments checked by :func:`affine_mm_triton`."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    args = (
+        x, qdata, scale, zero_point, bias if bias is not None else scale, y,  # scale: dummy pointer without bias
+        m, n, k,
+        x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
+        zero_point.stride(0), zero_point.stride(1), y.stride(0), y.stride(1),
+    )  # fmt: skip
+    common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
+    if m <= GEMV_MAX_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        wrap_triton(_affine_gemv_kernel)[grid](*args, **common, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+        dot_fp32 = x.dtype == torch.float32 or _interpreted()
+        wrap_triton(_affine_gemm_kernel)[grid](*args, **common, DOT_FP32=dot_fp32)
+    return y
+
+
+def _setup_context(ctx, inputs, output):
+    x, qdata, scale, zero_point, bits, _, bias = inputs
+    ctx.save_for_backward(qdata, scale, zero_point)
+    ctx.bits, ctx.x_dtype, ctx.has_bias = bits, x.dtype, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    # Inference weights: gradients reach x (and bias), never the codes. grad_x = grad @ W, fp32.
+    qdata, scale, zero_point = ctx.saved_tensors
+    grad_x = (grad.float() @ _dequantize(qdata, scale, zero_point, ctx.bits)).to(ctx.x_dtype)
+    grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+_affine_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_problem(x: Tensor, bits: int, group_size: int | None) -> Exception | None:
+    """Why the Triton kernels cannot take these (otherwise valid) arguments; None when they can."""
+    if bits not in _KERNEL_BITS:
+        return ValueError(f"affine_mm_triton: bits={bits!r} is not supported; expected one of {_KERNEL_BITS}")
+    if x.dtype not in _FLOAT_DTYPES:
+        return TypeError(f"affine_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    if group_size is not None and (group_size < 16 or group_size & (group_size - 1)):
+        return ValueError(f"affine_mm_triton: group_size={group_size} must be None or a power of two >= 16")
+    return None
+
+
+def affine_mm_triton(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Triton version of :func:`affine_mm_reference` for bits 8 and 4, x in fp32/fp16/bf16 and
+    group_size None or a power of two >= 16 (else ValueError / TypeError); GEMV for up to
+    ``GEMV_MAX_ROWS`` rows of x, GEMM above."""
+    _check_args(x, qdata, scale, zero_point, bits, group_size, bias)
+    problem = _kernel_problem(x, bits, group_size)
+    if problem is not None:
+        raise problem
+    lead = x.shape[:-1]
+    y = torch.ops.quantframe.affine_mm(
+        x.reshape(-1, x.shape[-1]),  # a view when it can be; the kernels take any strides
+        qdata,
+        scale.float(),
+        zero_point.to(torch.int32),
+        bits,
+        group_size or 0,
+        bias,
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
+def affine_mm(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``x [..., K] @ dequant(W).T (+ bias [N])``: the Triton kernels on CUDA where they apply (see
+    :func:`affine_mm_triton`), else :func:`affine_mm_reference` (same arguments, result and errors).
+
+    Example::
+
+        q = AffineQuantizedTensor.from_float(w, bits=4, group_size=128, symmetric=False)
+        y = affine_mm(x, q.qdata, q.scale, q.zero_point, 4, 128)
+    """
+    if use_triton(x) and _kernel_problem(x, bits, group_size) is None:
+        return affine_mm_triton(x, qdata, scale, zero_point, bits, group_size, bias)
+    return affine_mm_reference(x, qdata, scale, zero_point, bits, group_size, bias)
