@@ -46,7 +46,9 @@ def _check_args(
         raise TypeError(f"affine_mm: x.dtype={x.dtype}, expected a float dtype")
     allowed = (torch.int8, torch.uint8) if bits == 8 else (torch.uint8,)
     if qdata.dtype not in allowed:
-        raise TypeError(f"affine_mm: qdata.dtype={qdata.dtype}, expected {' or '.join(map(str, allowed))} for bits={bits}")
+        raise TypeError(
+            f"affine_mm: qdata.dtype={qdata.dtype}, expected {' or '.join(map(str, allowed))} for bits={bits}"
+        )
     if not scale.is_floating_point():
         raise TypeError(f"affine_mm: scale.dtype={scale.dtype}, expected a float dtype")
     if zero_point.is_floating_point() or zero_point.is_complex() or zero_point.dtype == torch.bool:
@@ -176,7 +178,9 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune_gemv}
+    configs=_gemv_configs(),
+    key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
 )
 @triton.jit
 def _affine_gemv_kernel(
@@ -228,9 +232,11 @@ def _gemm_configs() -> list[triton.Config]:
     """Autotune candidates for Hopper; the interpreter gets one small config."""
     if _interpreted():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
-    shapes = [  # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages); not yet measured on a GPU
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 3),
-        (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 32, 128, 4, 3), (128, 256, 64, 8, 3),
+    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): those ptxas compiles for sm_90 without
+    # spills in bf16 (larger tiles spill); not yet timed on a GPU.
+    shapes = [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
     ]  # fmt: skip
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -239,15 +245,19 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """``BLOCK_K`` must divide the group; skip token tiles far larger than the problem."""
+    """``BLOCK_K`` must divide the group; fp32 takes small tiles; skip token tiles far larger than the problem."""
     group, m = kwargs["GROUP_SIZE"], named_args["M"]
     ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+    if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
+        ok = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32] or ok
     small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
     return small or ok
 
 
 @triton.autotune(
-    configs=_gemm_configs(), key=["M", "N", "K", "BITS", "GROUP_SIZE", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune_gemm}
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "BITS", "GROUP_SIZE", "DOT_FP32"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
 )
 @triton.jit
 def _affine_gemm_kernel(
@@ -281,16 +291,15 @@ def _affine_gemm_kernel(
             mask=(rk < K)[:, None] & mask_m[None, :],
             other=0.0,
         )
-        # code - zero_point lies in [-255, 255]: exact in bf16/fp16, so the products are exact.
+        wt = w.to(tl.float32)
+        if GROUP_SIZE != 0:
+            # Scale the tile before the dot, rounding W to x's dtype as a dense 16-bit layer holds it:
+            # a second [BLOCK_N, BLOCK_M] fp32 partial sum per group would spill (ptxas on sm_90).
+            wt = wt * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
         if DOT_FP32:  # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16)
-            wt, xt = w.to(tl.float32), xt.to(tl.float32)
-        else:
-            wt = w.to(xt.dtype)
-        if GROUP_SIZE == 0:
-            acc = tl.dot(wt, xt, acc, input_precision="ieee" if DOT_FP32 else None)
-        else:  # the scale of this slice's group, on its fp32 partial sum
-            part = tl.dot(wt, xt, input_precision="ieee" if DOT_FP32 else None)
-            acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+            acc = tl.dot(wt, xt.to(tl.float32), acc, input_precision="ieee")
+        else:  # per row, code - zero_point in [-255, 255] is exact in bf16/fp16: exact products
+            acc = tl.dot(wt.to(xt.dtype), xt, acc)
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
     if HAS_BIAS:
@@ -322,12 +331,12 @@ def _affine_mm_op(
         x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
         zero_point.stride(0), zero_point.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
-    common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
+    common = {"BITS": bits, "GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
     if m <= GEMV_MAX_ROWS:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
         wrap_triton(_affine_gemv_kernel)[grid](*args, **common, BLOCK_M=triton.next_power_of_2(m))
     else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         dot_fp32 = x.dtype == torch.float32 or _interpreted()
         wrap_triton(_affine_gemm_kernel)[grid](*args, **common, DOT_FP32=dot_fp32)
     return y

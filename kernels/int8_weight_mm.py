@@ -308,7 +308,9 @@ def dequantize_rowwise_int8(int_data: Tensor, scale: Tensor, dtype: torch.dtype)
 # One opaque op: under torch.compile the transient 16-bit W never enters the graph, so the
 # partitioner cannot save it for backward (a 2-byte-per-weight copy of every layer kept alive).
 @torch.library.custom_op("quantframe::int8_weight_mm_dense", mutates_args=())
-def _int8_weight_mm_dense_op(x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool) -> Tensor:
+def _int8_weight_mm_dense_op(
+    x: Tensor, int_data: Tensor, scale: Tensor, bias: Tensor | None, transpose: bool
+) -> Tensor:
     w = dequantize_rowwise_int8(int_data, scale, x.dtype)
     if transpose:
         return x @ w

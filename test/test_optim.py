@@ -44,7 +44,8 @@ def test_bf16_params_with_their_dtype_states_match_torch_adamw_bitwise():
     # take torch's own fused kernel, so the result is torch's (fused=True) bit for bit.
     a, b = mlp().bfloat16(), mlp().bfloat16()
     kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    for model, opt in ((a, AdamW(a.parameters(), state_dtype=None, **kw)), (b, torch.optim.AdamW(b.parameters(), fused=True, **kw))):
+    opts = (AdamW(a.parameters(), state_dtype=None, **kw), torch.optim.AdamW(b.parameters(), fused=True, **kw))
+    for model, opt in zip((a, b), opts):
         for step in range(3):
             torch.manual_seed(step)
             model(torch.randn(16, 32, dtype=torch.bfloat16)).float().square().mean().backward()
@@ -58,7 +59,11 @@ def test_bf16_params_with_their_dtype_states_match_torch_adamw_bitwise():
 def test_plain_params_take_torchs_fused_kernel_in_one_call(monkeypatch):
     calls = []
     fused = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *a, **kw: calls.append(len(params)) or fused(params, *a, **kw))
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return fused(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting)
     m = mlp()
     quantize_(m, int8_weight_only_quantized_training())  # 2 INT8 weights (own kernel) + 2 plain biases
     train(m, AdamW(m.parameters(), lr=1e-2), steps=2)

@@ -287,8 +287,9 @@ class AdamW8bit(AdamW):
     ``exp_avg`` (signed map) and ``exp_avg_sq`` (unsigned map) are stored as uint8 codes with an
     fp32 absmax per block of 256 elements: ~2 bytes of state per parameter instead of 8. The math
     stays fp32; each moment is re-quantized once per step. Parameters with fewer than
-    ``min_8bit_size`` elements keep moments in ``state_dtype`` (as :class:`AdamW`) (their memory is negligible and small tensors are
-    the sensitive ones: biases, norms). The size is the parameter's *global* numel, so a model
+    ``min_8bit_size`` elements keep moments in ``state_dtype``, as :class:`AdamW` (their memory is
+    negligible and small tensors are the sensitive ones: biases, norms). The size is the
+    parameter's *global* numel, so a model
     gets the same states sharded (FSDP2) or not (unlike pytorch/ao#4912, which decides on the
     local shard). With INT8 weights (``int8_weight_only_quantized_training``) that is 1 byte of
     weight + 2 bytes of state per parameter.

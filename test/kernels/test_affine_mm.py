@@ -1,0 +1,208 @@
+"""quantframe.kernels.affine_mm: reference vs float64 dequantize-then-matmul; Triton vs reference.
+
+The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/conftest.py).
+"""
+
+import pytest
+import torch
+from quantframe.kernels.affine_mm import affine_mm, affine_mm_reference, affine_mm_triton
+
+from quantframe import primitives as P
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
+# rounds a grouped W to x's 16-bit dtype on a GPU), which can flip the final rounding by one ulp.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+GROUPS = {"row": None, "g32": 32, "g64": 64}
+
+
+def _weight(n, k, bits, group_size, symmetric):
+    """(qdata, scale, zero_point) of a random codes grid in the AffineQuantizedTensor layout."""
+    g = 1 if group_size is None else k // group_size
+    scale = torch.rand(n, g) * 0.02 + 0.001
+    if bits == 8 and symmetric:
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        return codes, scale, torch.zeros(n, g, dtype=torch.int32)
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+    zero_point = (
+        torch.full((n, g), 2 ** (bits - 1), dtype=torch.int32)
+        if symmetric
+        else torch.randint(0, 2**bits, (n, g), dtype=torch.int32)
+    )
+    return (codes if bits == 8 else P.pack_bits(codes, bits)), scale, zero_point
+
+
+def _float64_linear(x, qdata, scale, zero_point, bits, k, bias):
+    """The obvious computation, element by element in float64: W[n, k] = (code - zp[n, g]) * scale[n, g]."""
+    codes = qdata if bits == 8 else P.unpack_bits(qdata, bits)
+    group = k // scale.shape[1]
+    w = torch.empty(codes.shape, dtype=torch.float64)
+    for j in range(k):
+        w[:, j] = (codes[:, j].double() - zero_point[:, j // group].double()) * scale[:, j // group].double()
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+# ---- reference ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("group", GROUPS.values(), ids=GROUPS.keys())
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_reference_matches_float64_dequantize_then_matmul(bits, group, symmetric):
+    qdata, scale, zero_point = _weight(7, 64, bits, group, symmetric)
+    x, bias = torch.randn(2, 5, 64), torch.randn(7)
+    y = affine_mm_reference(x, qdata, scale, zero_point, bits, group, bias)
+    assert y.dtype == torch.float32 and y.shape == (2, 5, 7)
+    torch.testing.assert_close(
+        y.double(), _float64_linear(x, qdata, scale, zero_point, bits, 64, bias), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_hand_worked_int4_values():
+    # codes row 0 = [1, 2 | 3, 4] (low nibble first), group_size 2: W = [(1-1)*0.5, (2-1)*0.5, (3-2)*2, (4-2)*2]
+    qdata = torch.tensor([[1 | 2 << 4, 3 | 4 << 4]], dtype=torch.uint8)
+    scale, zero_point = torch.tensor([[0.5, 2.0]]), torch.tensor([[1, 2]], dtype=torch.int32)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # W = [0, 0.5, 2, 4]: x @ W.T = 0 + 1 + 6 + 16 = 23
+    assert affine_mm_reference(x, qdata, scale, zero_point, 4, 2).tolist() == [[23.0]]
+
+
+# ---- Triton vs reference -----------------------------------------------------------------------
+def _cases():
+    for bits in (8, 4):
+        for sym in ("sym", "asym"):
+            for gname, group in GROUPS.items():
+                for m in (1, 5, 16, 33):  # GEMV up to 16 rows, GEMM above
+                    for dname, dtype in DTYPES.items():
+                        has_bias = (m + bits) % 2 == 1  # half the cases, alternating over M
+                        ids = f"int{bits}-{sym}-{gname}-M{m}-{dname}{'-bias' if has_bias else ''}"
+                        yield pytest.param(bits, sym == "sym", group, m, dtype, has_bias, id=ids)
+
+
+@pytest.mark.parametrize("bits, symmetric, group, m, dtype, has_bias", list(_cases()))
+def test_triton_matches_reference(bits, symmetric, group, m, dtype, has_bias):
+    n, k = 24, 128 if group else 66  # per row: K off the BLOCK_K multiple
+    qdata, scale, zero_point = _weight(n, k, bits, group, symmetric)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    y = affine_mm_triton(x, qdata, scale, zero_point, bits, group, bias)
+    y_ref = affine_mm_reference(x, qdata, scale, zero_point, bits, group, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m", [3, 20], ids=["gemv", "gemm"])
+def test_triton_takes_3d_and_strided_input(m):
+    qdata, scale, zero_point = _weight(9, 64, 4, 32, False)
+    x = torch.randn(2, m, 128)[..., ::2]  # every other column: the kernels read x through strides
+    y = affine_mm_triton(x, qdata, scale, zero_point, 4, 32)
+    assert y.shape == (2, m, 9)
+    torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, 32), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_takes_empty_batch_and_gradients_reach_x_and_bias(bits):
+    qdata, scale, zero_point = _weight(7, 64, bits, 32, False)
+    assert affine_mm_triton(torch.randn(0, 64), qdata, scale, zero_point, bits, 32).shape == (0, 7)
+    x, bias = torch.randn(3, 64, requires_grad=True), torch.randn(7, requires_grad=True)
+    affine_mm_triton(x, qdata, scale, zero_point, bits, 32, bias).square().sum().backward()
+    grads = x.grad, bias.grad
+    x.grad = bias.grad = None
+    affine_mm_reference(x, qdata, scale, zero_point, bits, 32, bias).square().sum().backward()
+    torch.testing.assert_close(grads, (x.grad, bias.grad), atol=1e-5, rtol=1e-5)
+
+
+# ---- dispatch and errors -----------------------------------------------------------------------
+def test_dispatch_uses_reference_on_cpu():
+    qdata, scale, zero_point = _weight(7, 64, 4, 32, False)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(
+        affine_mm(x, qdata, scale, zero_point, 4, 32), affine_mm_reference(x, qdata, scale, zero_point, 4, 32)
+    )
+
+
+_Q4, _S, _Z = torch.zeros(7, 32, dtype=torch.uint8), torch.ones(7, 2), torch.zeros(7, 2, dtype=torch.int32)  # K=64, g32
+BAD_INPUTS = [
+    pytest.param({"bits": 5}, ValueError, "bits=5 is not supported", id="bits-5"),
+    pytest.param({"x": torch.randn(5, 64).int()}, TypeError, "x.dtype=torch.int32", id="x-int"),
+    pytest.param(
+        {"qdata": _Q4.to(torch.int8)},
+        TypeError,
+        "qdata.dtype=torch.int8, expected torch.uint8",
+        id="qdata-int8-for-int4",
+    ),
+    pytest.param({"qdata": _Q4.float()}, TypeError, "qdata.dtype=torch.float32", id="qdata-float"),
+    pytest.param({"scale": _S.int()}, TypeError, "scale.dtype=torch.int32", id="scale-int"),
+    pytest.param({"zero_point": _Z.float()}, TypeError, "zero_point.dtype=torch.float32", id="zero_point-float"),
+    pytest.param({"qdata": _Q4[0]}, ValueError, r"qdata must be 2-D", id="qdata-1d"),
+    pytest.param({"qdata": _Q4[:, :31]}, ValueError, r"qdata.shape=\(7, 31\) does not hold K=64", id="qdata-short"),
+    pytest.param({"x": torch.randn(5, 63)}, ValueError, r"4-bit packing needs K=63 .* multiple of 2", id="odd-K-int4"),
+    pytest.param({"group_size": 48}, ValueError, "group_size=48 must divide K=64", id="group-not-dividing"),
+    pytest.param({"group_size": 0}, ValueError, "group_size=0 must be None", id="group-0"),
+    pytest.param({"scale": torch.ones(7, 1)}, ValueError, r"scale.shape=\(7, 1\), expected \(7, 2\)", id="scale-shape"),
+    pytest.param({"zero_point": _Z[:6]}, ValueError, r"zero_point.shape=\(6, 2\), expected \(7, 2\)", id="zp-shape"),
+    pytest.param({"bias": torch.zeros(8)}, ValueError, r"bias.shape=\(8,\), expected \(7,\)", id="bias-shape"),
+    pytest.param({"bias": torch.zeros(7).int()}, TypeError, "bias.dtype=torch.int32", id="bias-int"),
+    pytest.param({"scale": torch.ones(7, 2, device="meta")}, ValueError, "must share a device", id="device"),
+]
+
+
+@pytest.mark.parametrize("impl", [affine_mm_reference, affine_mm_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
+def test_bad_input_raises(impl, kwargs, exc, match):
+    args = {
+        "x": torch.randn(5, 64),
+        "qdata": _Q4,
+        "scale": _S,
+        "zero_point": _Z,
+        "bits": 4,
+        "group_size": 32,
+        "bias": None,
+    } | kwargs
+    with pytest.raises(exc, match=match):
+        impl(**args)
+
+
+KERNEL_ONLY = [
+    pytest.param({"bits": 2, "qdata": torch.zeros(7, 16, dtype=torch.uint8)}, ValueError, r"bits=2 .* expected one of \(8, 4\)", id="bits-2"),
+    pytest.param({"x": torch.randn(5, 64).double()}, TypeError, "x.dtype=torch.float64", id="x-fp64"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, exc, match", KERNEL_ONLY)
+def test_triton_rejects_what_only_the_reference_takes(kwargs, exc, match):
+    args = {
+        "x": torch.randn(5, 64),
+        "qdata": _Q4,
+        "scale": _S,
+        "zero_point": _Z,
+        "bits": 4,
+        "group_size": 32,
+        "bias": None,
+    } | kwargs
+    with pytest.raises(exc, match=match):
+        affine_mm_triton(**args)
+    affine_mm_reference(**args)  # valid there
+    affine_mm(**args)  # and the dispatcher falls back to it
+
+
+# ---- GPU: real sizes (CPU siblings above) ------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 2048], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize(
+    "bits, symmetric, group", [(8, True, None), (8, False, 128), (4, False, 128), (4, True, 32), (4, False, None)]
+)
+def test_triton_matches_reference_on_cuda(bits, symmetric, group, m):
+    n, k = 4096, 4096
+    qdata, scale, zero_point = (t.cuda() for t in _weight(n, k, bits, group, symmetric))
+    x, bias = (
+        torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, device="cuda", dtype=torch.bfloat16),
+    )
+    y = affine_mm(x, qdata, scale, zero_point, bits, group, bias)
+    y_ref = affine_mm_reference(x, qdata, scale, zero_point, bits, group, bias)
+    # bf16 output (one ulp, 2**-8 relative) plus, for grouped GEMM, W rounded to bf16; atol for
+    # outputs that cancel near 0 (|y| ~ 0.01 * sqrt(K) ~ 1 here).
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    compiled = torch.compile(affine_mm, fullgraph=True)
+    torch.testing.assert_close(compiled(x, qdata, scale, zero_point, bits, group, bias), y, atol=0, rtol=0)
