@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from quantframe.api import QuantConfig, SkipModule, register_quantize_handler
 from quantframe.tensor import (
@@ -43,6 +44,27 @@ NF4_LEVELS: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 _ZERO_BYTE = 0x77  # two zero codes
+_LEVEL_TABLES: dict[torch.device, Tensor] = {}  # NF4_LEVELS as fp32, one tensor per device
+
+
+def _level_table(device: torch.device) -> Tensor:
+    """fp32 ``[16]`` tensor of ``NF4_LEVELS`` on ``device``.
+
+    Eager: made once per device and reused, so a call does no host-to-device copy (which a CUDA
+    graph capture forbids). Traced (torch.compile, export, fake or proxy modes): a fresh constant
+    (the graph keeps it on the device, made once at compile time), never a cached tensor
+    leaking into a trace.
+    """
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    table = _LEVEL_TABLES.get(device)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():  # usable later in any mode
+            table = _LEVEL_TABLES[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return table
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -142,7 +164,7 @@ class NF4Tensor(QuantTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight, ``NF4_LEVELS[code] * block_scale`` (fp32 math), in ``dtype`` (default: outer dtype)."""
-        lut = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=self.device)
+        lut = _level_table(self.device)
         c = self.codes.reshape(-1)
         idx = torch.stack([c >> 4, c & 0xF], dim=-1).reshape(-1).long()  # high nibble first
         values = lut[idx].view(self.n_blocks, self.block_size) * self.block_scales()[:, None]
@@ -214,7 +236,7 @@ def _quantize_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 ``x [n_blocks, block_size]`` -> packed uint8 codes ``[numel // 2]``, fp32 absmax ``[n_blocks]``."""
     absmax = x.abs().amax(dim=1)
     normalized = x / torch.where(absmax > 0, absmax, 1.0)[:, None]  # an all-zero block stays 0
-    lut = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
+    lut = _level_table(x.device)
     # nearest level = number of midpoints below (bucketize on the 15 midpoints; no [numel, 16] buffer)
     codes = torch.bucketize(normalized.reshape(-1), (lut[1:] + lut[:-1]) / 2).to(torch.uint8)
     return (codes[0::2] << 4) | codes[1::2], absmax
@@ -231,22 +253,29 @@ def _double_quantize(absmax: Tensor, scaler_block_size: int) -> tuple[Tensor, Te
 
 # ---- linear: differentiable with respect to the input only (frozen base) ---------------------
 class _LinearNF4(torch.autograd.Function):
-    """y = x @ dequant(W).T + b; dx = g @ dequant(W) (fp32 math); no gradient for W (frozen base)."""
+    """y = x @ dequant(W).T + b; dx = g @ dequant(W); no gradient for W (frozen base).
+
+    CUDA: the Triton NF4 GEMV/GEMM (dequantized in registers) and, for dx, W dequantized once to
+    the gradient's dtype + one matmul. Elsewhere fp32 math, one rounding to the activation dtype.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: NF4Tensor, bias: Tensor | None):
+        from quantframe.kernels.nf4_mm import nf4_mm  # lazy: keeps `import quantframe` triton-free
+
         ctx.save_for_backward(weight)
         ctx.has_bias = bias is not None
-        # fp32 math, one rounding to the activation dtype (what a fused kernel would do)
-        y = F.linear(x.float(), weight.dequantize(torch.float32), None if bias is None else bias.float())
-        return y.to(x.dtype)
+        w = weight  # codes [N, K // 2], fp32 block scales [N * K // block_size]
+        return nf4_mm(x, w.codes, w.block_scales(), _level_table(w.device), w.block_size, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (weight,) = ctx.saved_tensors
+        from quantframe.kernels.nf4_mm import nf4_mm_grad_input
+
+        (w,) = ctx.saved_tensors
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out.float() @ weight.dequantize(torch.float32)).to(grad_out.dtype)
+            grad_x = nf4_mm_grad_input(grad_out, w.codes, w.block_scales(), _level_table(w.device), w.block_size)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_b

@@ -1,0 +1,391 @@
+"""Matmul of float activations with an NF4 weight, dequantized inside the kernel.
+
+``y [..., N] = x [..., K] @ W.T (+ bias [N])`` with ``W`` the ``[N, K]`` weight of
+:class:`quantframe.nf4.NF4Tensor`: element ``e`` of the row-major flat weight is
+``levels[code[e]] * scale[e // block_size]``, two 4-bit codes a byte (element ``2j`` in the high
+nibble of byte ``j``). ``scale`` is the fp32 block absmax after double quantization
+(``NF4Tensor.block_scales()``, one small elementwise op the caller runs); ``levels`` the 16
+NormalFloat4 values (fp32). Each program reads its slice of the packed weight once:
+
+* ``M <= 16`` rows of x (decode): ``_nf4_gemv_kernel``, one program per ``BLOCK_N`` output
+  features holding all rows of x, a multiply-and-sum on CUDA cores; the block scale multiplies
+  the fp32 partial sum of each ``BLOCK_K`` slice (one multiply per output, not per weight).
+* more rows (prefill): ``_nf4_gemm_kernel``, ``tl.dot`` tiles in x's 16-bit dtype (fp32 x: ieee
+  fp32); the tile ``level * scale`` is rounded to x's dtype as a dense 16-bit layer holds it.
+
+Both unpack the nibbles in registers and look the level up with a gather load from the 16-entry
+table (64 bytes, L1-resident). ``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``,
+so a ``BLOCK_K`` slice has one scale per row and no tile reaches past ``K``.
+
+Gradient with respect to x (frozen base, QLoRA): no Triton kernel; :func:`nf4_mm_grad_input`
+dequantizes ``W`` once into the gradient's dtype and runs one matmul on CUDA (fp32 math elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import use_triton
+
+__all__ = ["nf4_mm", "nf4_mm_grad_input", "nf4_mm_reference", "nf4_mm_triton"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+
+
+def _check_weight(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, k: int, who: str) -> None:
+    """Raise TypeError / ValueError for a bad packed weight of logical shape ``[codes.shape[0], k]``."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{who}: codes.dtype={codes.dtype}, expected torch.uint8 (two 4-bit codes per byte)")
+    if not scale.is_floating_point():
+        raise TypeError(f"{who}: scale.dtype={scale.dtype}, expected a float dtype")
+    if not levels.is_floating_point():
+        raise TypeError(f"{who}: levels.dtype={levels.dtype}, expected a float dtype")
+    if codes.dim() != 2:
+        raise ValueError(f"{who}: codes must be 2-D [N, K // 2], got shape {tuple(codes.shape)}")
+    if k % 2 or codes.shape[1] != k // 2:
+        raise ValueError(
+            f"{who}: codes.shape={tuple(codes.shape)} does not hold K={k} 4-bit codes per row (expected K even, "
+            f"codes [N, {k // 2}])"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"{who}: block_size={block_size!r} must be a positive int")
+    numel = codes.shape[0] * k
+    if numel % block_size:
+        raise ValueError(f"{who}: block_size={block_size} must divide N*K={codes.shape[0]}*{k}={numel}")
+    if scale.shape != (numel // block_size,):
+        raise ValueError(
+            f"{who}: scale.shape={tuple(scale.shape)}, expected ({numel // block_size},) = N*K/block_size "
+            f"for N={codes.shape[0]}, K={k}, block_size={block_size}"
+        )
+    if levels.shape != (16,):
+        raise ValueError(f"{who}: levels.shape={tuple(levels.shape)}, expected (16,) (one value per 4-bit code)")
+
+
+def _check_args(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None, who: str
+) -> None:
+    """Raise TypeError / ValueError naming the bad argument, its value and what is allowed."""
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{who}: x.dtype={x.dtype}, expected a float dtype")
+    if x.dim() == 0:
+        raise ValueError(f"{who}: x must have at least one dim [..., K], got a scalar")
+    _check_weight(codes, scale, levels, block_size, x.shape[-1], who)
+    n = codes.shape[0]
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"{who}: bias.dtype={bias.dtype}, expected a float dtype")
+        if bias.shape != (n,):
+            raise ValueError(f"{who}: bias.shape={tuple(bias.shape)}, expected ({n},)")
+    devices = {t.device for t in (x, codes, scale, levels, bias) if t is not None}
+    if len(devices) > 1:
+        got = sorted(map(str, devices))
+        raise ValueError(f"{who}: x, codes, scale, levels and bias must share a device, got {got}")
+
+
+def _dequantize(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int) -> Tensor:
+    """fp32 ``W [N, K]`` (the numerics of ``NF4Tensor.dequantize``: blocks along the flat weight)."""
+    c = codes.reshape(-1)
+    idx = torch.stack([c >> 4, c & 0xF], dim=-1).reshape(-1).long()  # high nibble first
+    w = levels.float()[idx].view(-1, block_size) * scale.float()[:, None]
+    return w.view(codes.shape[0], codes.shape[1] * 2)
+
+
+def nf4_mm_reference(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x @ dequant(W).T (+ bias)`` in fp32, cast to ``x.dtype``.
+
+    Args:
+        x: ``[..., K]`` float activations.
+        codes: uint8 ``[N, K // 2]``, element ``2j`` of a row in the high nibble of byte ``j``.
+        scale: float ``[N * K // block_size]``, one per block of the row-major flat weight
+            (``NF4Tensor.block_scales()``).
+        levels: float ``[16]``, the value of each code (``quantframe.nf4.NF4_LEVELS``).
+        block_size: elements per scale; must divide ``N * K`` (the Triton kernels: ``K``).
+        bias: ``[N]`` float or None.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+
+    Raises:
+        TypeError: x / scale / levels / bias not float, codes not uint8.
+        ValueError: mismatched shapes or devices, an odd K, a block_size not dividing N * K.
+    """
+    _check_args(x, codes, scale, levels, block_size, bias, "nf4_mm")
+    w = _dequantize(codes, scale, levels, block_size)
+    # One op: the aten trace of a dense fp32 layer, one rounding to x's dtype.
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def nf4_mm_grad_input(grad: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int) -> Tensor:
+    """``grad [..., N] @ dequant(W) [N, K] -> [..., K]`` in ``grad.dtype``: the input gradient of
+    :func:`nf4_mm` (W is a frozen base and gets none).
+
+    On CUDA, W is dequantized once into ``grad.dtype`` and multiplied in that dtype (a 16-bit
+    matmul on tensor cores; no Triton kernel for the transposed product yet). Elsewhere fp32 math,
+    one rounding. Raises as :func:`nf4_mm_reference` (``grad.shape[-1]`` must be N).
+    """
+    if not grad.dtype.is_floating_point:
+        raise TypeError(f"nf4_mm_grad_input: grad.dtype={grad.dtype}, expected a float dtype")
+    k = codes.shape[1] * 2 if codes.dim() == 2 else 0
+    _check_weight(codes, scale, levels, block_size, k, "nf4_mm_grad_input")
+    if grad.dim() == 0 or grad.shape[-1] != codes.shape[0]:
+        raise ValueError(
+            f"nf4_mm_grad_input: grad.shape={tuple(grad.shape)} must end in N={codes.shape[0]} (codes.shape[0])"
+        )
+    w = _dequantize(codes, scale, levels, block_size)
+    if grad.is_cuda:
+        return grad @ w.to(grad.dtype)
+    return (grad.float() @ w).to(grad.dtype)
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _nf4_levels_tile(
+    c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """fp32 ``levels[code]`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (unscaled;
+    masked rows read code 0 and must meet a zero scale or a masked store)."""
+    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+    p = tl.load(c_ptr + offs_n[:, None] * stride_cn + rb[None, :] * stride_ck, mask=mask_n[:, None], other=0)
+    p = p.to(tl.int32)
+    # Element 2j is the high nibble: join along a new last dim, then flatten it back into K.
+    q = tl.reshape(tl.join(p >> 4, p & 15), (BLOCK_N, BLOCK_K))
+    return tl.load(lv_ptr + q)  # gather from the 16-entry table (one cache line)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemv_configs() -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K) candidates for 4 warps; the interpreter gets one small config (the
+    autotuner times any list longer than one), whose BLOCK_K divides every block_size >= 16."""
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    shapes = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32, 64), (64, 64), (128, 64)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """``BLOCK_K`` must divide the block; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product must fit in
+    registers (<= 64 fp32 values a thread at 4 warps: ptxas on sm_90 spills above)."""
+    block, block_m = kwargs["BLOCK_SIZE"], kwargs["BLOCK_M"]
+    ok = [c for c in configs if block % c.kwargs["BLOCK_K"] == 0]
+    fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
+    return fit or ok[:1]
+
+
+@triton.autotune(
+    configs=_gemv_configs(),
+    key=["N", "K", "BLOCK_SIZE", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+)
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, c_ptr, s_ptr, lv_ptr, b_ptr, y_ptr,  # x [M, K], codes [N, K/2], scale [N, K/BS], levels [16], bias [N], y [M, N]
+    M, N, K,
+    stride_xm, stride_xk, stride_cn, stride_ck, stride_sn, stride_sg, stride_ym, stride_yn,
+    BLOCK_SIZE: tl.constexpr,  # elements per scale, divides K
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE: one scale per row of a tile
+):  # fmt: skip
+    # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
+    # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x_ptrs = x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm
+        xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_M]
+        part = tl.sum(w[:, :, None] * xt[None, :, :], axis=1)  # [BLOCK_N, BLOCK_M]
+        s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+        acc += part * s[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+def _gemm_configs() -> list[triton.Config]:
+    """Autotune candidates for Hopper; the interpreter gets one small config (as in _gemv_configs)."""
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 16}, num_warps=4)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): ptxas compiles these for sm_90 without
+    # spills in bf16 and fp32 (.scratch cross-compile); not yet timed on a GPU.
+    shapes = [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4), (64, 64, 16, 4, 4),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, m, k, w, st in shapes
+    ]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """``BLOCK_K`` must divide the block; fp32 takes small tiles; skip token tiles far larger than the problem."""
+    block, m = kwargs["BLOCK_SIZE"], named_args["M"]
+    ok = [c for c in configs if block % c.kwargs["BLOCK_K"] == 0]
+    if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
+        ok = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32] or ok
+    small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
+    return small or ok
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "BLOCK_SIZE", "DOT_FP32"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)
+@triton.jit
+def _nf4_gemm_kernel(
+    x_ptr, c_ptr, s_ptr, lv_ptr, b_ptr, y_ptr,  # as in _nf4_gemv_kernel
+    M, N, K,
+    stride_xm, stride_xk, stride_cn, stride_ck, stride_sn, stride_sg, stride_ym, stride_yn,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # fp32 tiles (fp32 x, or the interpreter); else x's 16-bit dtype
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE
+):  # fmt: skip
+    # y.T [N, M] = W [N, K] @ x.T [K, M]: the dequantized weight is the dot's first operand, which
+    # Hopper's wgmma may take from registers. Programs along axis 0 share one x tile, read from L2.
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
+        # Scale the tile before the dot (masked rows get scale 0): a second fp32 partial sum per
+        # block would double the accumulator registers.
+        w = w * tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)[:, None]
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        xt = tl.load(x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm, mask=mask_m[None, :], other=0.0)
+        if DOT_FP32:  # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16)
+            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+        else:  # W rounded to x's 16-bit dtype, as a dense 16-bit layer holds it
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
+# TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
+@triton_op("quantframe::nf4_mm", mutates_args=())
+def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None) -> Tensor:
+    """2-D ``x [M, K]``, fp32 ``scale [N, K // block_size]`` and ``levels [16]``; checked by :func:`nf4_mm_triton`."""
+    m, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    args = (
+        x, codes, scale, levels, bias if bias is not None else scale, y,  # scale: dummy pointer without bias
+        m, n, k,
+        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1),
+        y.stride(0), y.stride(1),
+    )  # fmt: skip
+    common = {"BLOCK_SIZE": block_size, "HAS_BIAS": bias is not None}
+    if m <= GEMV_MAX_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+        wrap_triton(_nf4_gemv_kernel)[grid](*args, **common, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+        dot_fp32 = x.dtype == torch.float32 or _interpreted()
+        wrap_triton(_nf4_gemm_kernel)[grid](*args, **common, DOT_FP32=dot_fp32)
+    return y
+
+
+def _setup_context(ctx, inputs, output):
+    _, codes, scale, levels, block_size, bias = inputs
+    ctx.save_for_backward(codes, scale, levels)
+    ctx.block_size, ctx.has_bias = block_size, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    # Frozen base: gradients reach x (and bias), never the codes.
+    codes, scale, levels = ctx.saved_tensors
+    grad_x = nf4_mm_grad_input(grad, codes, scale.reshape(-1), levels, ctx.block_size)
+    grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+    return grad_x, None, None, None, None, grad_bias
+
+
+_nf4_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_problem(x: Tensor, block_size: int) -> Exception | None:
+    """Why the Triton kernels cannot take these (otherwise valid) arguments; None when they can."""
+    if x.dtype not in _FLOAT_DTYPES:
+        return TypeError(f"nf4_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        return ValueError(f"nf4_mm_triton: block_size={block_size} must be a power of two >= 16")
+    if x.shape[-1] % block_size:
+        return ValueError(
+            f"nf4_mm_triton: block_size={block_size} must divide K={x.shape[-1]} (a block within one row)"
+        )
+    return None
+
+
+def nf4_mm_triton(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """Triton version of :func:`nf4_mm_reference` for x in fp32/fp16/bf16 and block_size a power of
+    two >= 16 dividing K (else TypeError / ValueError); GEMV for up to ``GEMV_MAX_ROWS`` rows of x,
+    GEMM above. Differentiable with respect to x and bias."""
+    _check_args(x, codes, scale, levels, block_size, bias, "nf4_mm_triton")
+    problem = _kernel_problem(x, block_size)
+    if problem is not None:
+        raise problem
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = torch.ops.quantframe.nf4_mm(
+        x.reshape(-1, k),  # a view when it can be; the kernels take any strides
+        codes,
+        scale.float().reshape(codes.shape[0], k // block_size),
+        levels.float().contiguous(),
+        block_size,
+        bias,
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
+def nf4_mm(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x [..., K] @ dequant(W).T (+ bias [N])``: the Triton kernels on CUDA where they apply (see
+    :func:`nf4_mm_triton`), else :func:`nf4_mm_reference` (same arguments, result and errors).
+
+    Example::
+
+        q = NF4Tensor.from_float(w)  # w [N, K], K a multiple of 64
+        y = nf4_mm(x, q.codes, q.block_scales(), torch.tensor(NF4_LEVELS, device=x.device), q.block_size)
+    """
+    if use_triton(x) and _kernel_problem(x, block_size) is None:
+        return nf4_mm_triton(x, codes, scale, levels, block_size, bias)
+    return nf4_mm_reference(x, codes, scale, levels, block_size, bias)

@@ -1,0 +1,210 @@
+"""quantframe.kernels.nf4_mm: reference vs float64 dequantize-then-matmul; Triton vs reference.
+
+The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/conftest.py).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quantframe.kernels.nf4_mm import nf4_mm, nf4_mm_grad_input, nf4_mm_reference, nf4_mm_triton
+
+from quantframe.nf4 import NF4_LEVELS, NF4Tensor, _level_table
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
+# rounds W to x's 16-bit dtype on a GPU), which can flip the final rounding by one ulp.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+LEVELS = torch.tensor(NF4_LEVELS)
+
+
+def _weight(n, k, block_size):
+    """(codes, scale) of random codes and positive block scales in the NF4Tensor layout."""
+    codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    return codes, torch.rand(n * k // block_size) * 0.5 + 0.01
+
+
+def _float64_linear(x, codes, scale, block_size, bias=None):
+    """The obvious computation in float64: flat element e = NF4_LEVELS[code e] * scale[e // block_size]."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    w = torch.empty(n * k, dtype=torch.float64)
+    flat = codes.reshape(-1).tolist()
+    for e in range(n * k):
+        code = flat[e // 2] >> 4 if e % 2 == 0 else flat[e // 2] & 15  # element 2j: high nibble
+        w[e] = NF4_LEVELS[code] * scale[e // block_size].double()
+    y = x.double() @ w.view(n, k).T
+    return y if bias is None else y + bias.double()
+
+
+# ---- reference ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, k, block_size", [(7, 64, 64), (5, 64, 32), (6, 32, 64)], ids=["bs64", "bs32", "flat"])
+def test_reference_matches_float64_dequantize_then_matmul(n, k, block_size):
+    # "flat": K=32 < block_size, a block spans two rows of the flat weight (a view of an NF4Tensor)
+    codes, scale = _weight(n, k, block_size)
+    x, bias = torch.randn(2, 5, k), torch.randn(n)
+    y = nf4_mm_reference(x, codes, scale, LEVELS, block_size, bias)
+    assert y.dtype == torch.float32 and y.shape == (2, 5, n)
+    torch.testing.assert_close(y.double(), _float64_linear(x, codes, scale, block_size, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_hand_worked_values():
+    # byte 0x7F: element 0 = code 7 (0.0), element 1 = code 15 (1.0); byte 0x08: codes 0 (-1.0), 8
+    codes = torch.tensor([[0x7F, 0x08]], dtype=torch.uint8)
+    x = torch.tensor([[5.0, 2.0, 3.0, 1.0]])
+    # W = [0, 1, -1, 0.0796] * [2, 2 | 0.5, 0.5] = [0, 2, -0.5, 0.0398]: y = 4 - 1.5 + 0.0398
+    y = nf4_mm_reference(x, codes, torch.tensor([2.0, 0.5]), LEVELS, 2)
+    torch.testing.assert_close(y, torch.tensor([[2.5 + NF4_LEVELS[8] * 0.5]]))
+
+
+def test_reference_is_the_nf4_tensor_linear_on_cpu():
+    q = NF4Tensor.from_float(torch.randn(32, 64), 32, 4)
+    x, bias = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16)
+    y = nf4_mm_reference(x, q.codes, q.block_scales(), LEVELS, 32, bias)
+    assert torch.equal(y, F.linear(x, q, bias))
+    assert torch.equal(y, F.linear(x.float(), q.dequantize(torch.float32), bias.float()).bfloat16())
+
+
+# ---- Triton vs reference -----------------------------------------------------------------------
+def _cases():
+    for m in (1, 5, 16, 33):  # GEMV up to 16 rows, GEMM above
+        for dname, dtype in DTYPES.items():
+            has_bias = (m + len(dname)) % 2 == 1  # half the cases, alternating over M
+            yield pytest.param(m, dtype, has_bias, id=f"M{m}-{dname}{'-bias' if has_bias else ''}")
+
+
+@pytest.mark.parametrize("m, dtype, has_bias", list(_cases()))
+def test_triton_matches_reference(m, dtype, has_bias):
+    n, k, bs = 24, 128, 64
+    codes, scale = _weight(n, k, bs)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    y = nf4_mm_triton(x, codes, scale, LEVELS, bs, bias)
+    y_ref = nf4_mm_reference(x, codes, scale, LEVELS, bs, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m", [3, 20], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_triton_takes_other_block_sizes(m, block_size):
+    codes, scale = _weight(9, 128, block_size)
+    x = torch.randn(m, 128)
+    torch.testing.assert_close(
+        nf4_mm_triton(x, codes, scale, LEVELS, block_size),
+        nf4_mm_reference(x, codes, scale, LEVELS, block_size),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("m", [3, 20], ids=["gemv", "gemm"])
+def test_triton_takes_3d_strided_input_and_a_row_sliced_weight(m):
+    q = NF4Tensor.from_float(torch.randn(40, 64), 32, 4)[8:24]  # a view: scaler_offset 16
+    x = torch.randn(2, m, 128)[..., ::2]  # every other column: the kernels read x through strides
+    args = (q.codes, q.block_scales(), LEVELS, 32)
+    y = nf4_mm_triton(x, *args)
+    assert y.shape == (2, m, 16)
+    torch.testing.assert_close(y, nf4_mm_reference(x, *args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, x @ q.dequantize(torch.float32).T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [3, 20], ids=["gemv", "gemm"])
+def test_triton_takes_empty_batch_and_gradients_reach_x_and_bias(m):
+    codes, scale = _weight(7, 64, 32)
+    assert nf4_mm_triton(torch.randn(0, 64), codes, scale, LEVELS, 32).shape == (0, 7)
+    x, bias = torch.randn(m, 64, requires_grad=True), torch.randn(7, requires_grad=True)
+    nf4_mm_triton(x, codes, scale, LEVELS, 32, bias).square().sum().backward()
+    grads = x.grad, bias.grad
+    x.grad = bias.grad = None
+    nf4_mm_reference(x, codes, scale, LEVELS, 32, bias).square().sum().backward()
+    torch.testing.assert_close(grads, (x.grad, bias.grad), atol=1e-5, rtol=1e-5)
+
+
+def test_grad_input_matches_float64():
+    codes, scale = _weight(7, 64, 32)
+    g = torch.randn(2, 3, 7)
+    w64 = _float64_linear(torch.eye(64), codes, scale, 32).T  # [N, K]
+    torch.testing.assert_close(nf4_mm_grad_input(g, codes, scale, LEVELS, 32).double(), g.double() @ w64)
+
+
+# ---- dispatch, wiring and errors ---------------------------------------------------------------
+def test_dispatch_uses_reference_on_cpu():
+    codes, scale = _weight(7, 64, 32)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(nf4_mm(x, codes, scale, LEVELS, 32), nf4_mm_reference(x, codes, scale, LEVELS, 32))
+
+
+def test_level_table_is_made_once_per_device():
+    assert _level_table(torch.device("cpu")) is _level_table("cpu")
+    assert torch.equal(_level_table("cpu"), LEVELS) and _level_table("cpu").dtype == torch.float32
+
+
+_C, _S = torch.zeros(7, 32, dtype=torch.uint8), torch.ones(14)  # N=7, K=64, block_size 32
+BAD_INPUTS = [
+    pytest.param({"x": torch.randn(5, 64).int()}, TypeError, "x.dtype=torch.int32", id="x-int"),
+    pytest.param({"codes": _C.to(torch.int8)}, TypeError, "codes.dtype=torch.int8, expected torch.uint8", id="codes-int8"),
+    pytest.param({"codes": _C.float()}, TypeError, "codes.dtype=torch.float32", id="codes-float"),
+    pytest.param({"scale": _S.int()}, TypeError, "scale.dtype=torch.int32", id="scale-int"),
+    pytest.param({"levels": LEVELS.int()}, TypeError, "levels.dtype=torch.int32", id="levels-int"),
+    pytest.param({"codes": _C[0]}, ValueError, "codes must be 2-D", id="codes-1d"),
+    pytest.param({"codes": _C[:, :31]}, ValueError, r"codes.shape=\(7, 31\) does not hold K=64", id="codes-short"),
+    pytest.param({"x": torch.randn(5, 63)}, ValueError, r"does not hold K=63 .* K even", id="odd-K"),
+    pytest.param({"block_size": 0}, ValueError, "block_size=0 must be a positive int", id="block-0"),
+    pytest.param({"block_size": 3}, ValueError, r"block_size=3 must divide N\*K=7\*64=448", id="block-not-dividing"),
+    pytest.param({"scale": torch.ones(7, 2)}, ValueError, r"scale.shape=\(7, 2\), expected \(14,\)", id="scale-2d"),
+    pytest.param({"levels": LEVELS[:8]}, ValueError, r"levels.shape=\(8,\), expected \(16,\)", id="levels-8"),
+    pytest.param({"bias": torch.zeros(8)}, ValueError, r"bias.shape=\(8,\), expected \(7,\)", id="bias-shape"),
+    pytest.param({"bias": torch.zeros(7).int()}, TypeError, "bias.dtype=torch.int32", id="bias-int"),
+    pytest.param({"scale": torch.ones(14, device="meta")}, ValueError, "must share a device", id="device"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", [nf4_mm_reference, nf4_mm_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
+def test_bad_input_raises(impl, kwargs, exc, match):
+    args = {"x": torch.randn(5, 64), "codes": _C, "scale": _S, "levels": LEVELS, "block_size": 32, "bias": None}
+    with pytest.raises(exc, match=match):
+        impl(**(args | kwargs))
+
+
+KERNEL_ONLY = [
+    pytest.param({"scale": torch.ones(56), "block_size": 8}, ValueError, "block_size=8 must be a power of two >= 16", id="block-8"),
+    pytest.param({"x": torch.randn(5, 64), "codes": torch.zeros(8, 32, dtype=torch.uint8), "scale": torch.ones(4),
+                  "block_size": 128}, ValueError, "block_size=128 must divide K=64", id="block-spans-rows"),
+    pytest.param({"x": torch.randn(5, 64).double()}, TypeError, "x.dtype=torch.float64", id="x-fp64"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, exc, match", KERNEL_ONLY)
+def test_triton_rejects_what_only_the_reference_takes(kwargs, exc, match):
+    args = {"x": torch.randn(5, 64), "codes": _C, "scale": _S, "levels": LEVELS, "block_size": 32} | kwargs
+    with pytest.raises(exc, match=match):
+        nf4_mm_triton(**args)
+    nf4_mm_reference(**args)  # valid there
+    nf4_mm(**args)  # and the dispatcher falls back to it
+
+
+def test_grad_input_rejects_a_gradient_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"grad.shape=\(5, 6\) must end in N=7"):
+        nf4_mm_grad_input(torch.randn(5, 6), _C, _S, LEVELS, 32)
+
+
+# ---- GPU: real sizes (CPU siblings above) ------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 2048], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_matches_reference_on_cuda(m, dtype):
+    n, k = 4096, 4096
+    q = NF4Tensor.from_float(torch.randn(n, k, device="cuda", dtype=dtype) * 0.02)
+    x, bias = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
+    args = (q.codes, q.block_scales(), _level_table(q.device), q.block_size)
+    y = nf4_mm(x, *args, bias)
+    # 16-bit output (one ulp) plus, for GEMM, W rounded to x's dtype; atol for outputs near 0.
+    torch.testing.assert_close(y, nf4_mm_reference(x, *args, bias), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(F.linear(x, q, bias), y, atol=0, rtol=0)  # the NF4Tensor handler takes the kernel
+    compiled = torch.compile(lambda x, w, b: F.linear(x, w, b), fullgraph=True)
+    torch.testing.assert_close(compiled(x, q, bias), y, atol=0, rtol=0)
+    xg = x.detach().requires_grad_()
+    F.linear(xg, q, bias).sum().backward()
+    grad_ref = torch.ones(m, n, device="cuda").double() @ q.dequantize(torch.float64)
+    torch.testing.assert_close(xg.grad.double(), grad_ref, atol=2e-2, rtol=2e-2)
