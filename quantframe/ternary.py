@@ -318,22 +318,26 @@ class TernaryWeight(QuantTensor):
 
 
 class _TernaryLinear(torch.autograd.Function):
-    """y = xq @ Wq.T + b with packed ternary weights; dx by STE, no weight gradient (frozen)."""
+    """y = xq @ Wq.T + b from the packed codes (quantframe.kernels.ternary_mm: Triton on CUDA, the
+    fp32 reference elsewhere); dx by STE, no weight gradient (frozen)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, wq: Tensor, bias: Tensor | None):
-        ctx.save_for_backward(wq)
-        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
-        y = _bitlinear(_act(x.reshape(-1, x.shape[-1])), wq, bias).to(x.dtype)
+    def forward(ctx, x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None):
+        from quantframe.kernels.ternary_mm import ternary_mm  # lazy: keeps `import quantframe` triton-free
+
+        ctx.save_for_backward(packed, scale)
+        ctx.k, ctx.x_dtype, ctx.bias_dtype = x.shape[-1], x.dtype, None if bias is None else bias.dtype
+        y = ternary_mm(x.reshape(-1, x.shape[-1]), packed, scale, bias)
         return aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (wq,) = ctx.saved_tensors
+        packed, scale = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()
-        grad_x = (g @ wq).to(ctx.x_dtype).reshape(*grad_out.shape[:-1], wq.shape[1])
-        grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_b
+        wq = (unpack_bits(packed, 2)[:, : ctx.k].to(torch.int8) - 1).float() * scale  # [N, K], TernaryWeight.dequantize
+        grad_x = (g @ wq).to(ctx.x_dtype).reshape(*grad_out.shape[:-1], ctx.k)
+        grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
 
 
 @TernaryWeight.implements([F.linear])
@@ -343,7 +347,7 @@ def _ternary_linear(func, types, args, kwargs):
     if not isinstance(w, TernaryWeight):
         raise TypeError(f"F.linear: only the weight may be a TernaryWeight, got input {type(x).__name__}")
     _check_linear(x, w, bias, TernaryWeight)
-    return _TernaryLinear.apply(x, w.codes().float() * w.scale, bias)
+    return _TernaryLinear.apply(x, w.packed, w.scale, bias)
 
 
 TernaryWeight.implements([aten.copy_.default])(same_layout_copy("TernaryWeight.from_float"))

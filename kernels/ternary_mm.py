@@ -1,0 +1,253 @@
+"""BitNet b1.58 inference matmul: INT8 per-token activations x packed 2-bit ternary weights.
+
+``y [..., N] = xq [..., K] @ Wq.T (+ bias)`` with, per token, ``sx = max(max_k |x|, 1e-5) / 127``,
+``xq = clamp(round(x / sx), -128, 127) * sx`` and ``Wq = (code - 1) * s``, where ``packed`` uint8
+``[N, ceil(K / 4)]`` holds four 2-bit codes a byte (first in the lowest bits, K padded with
+code 1 = ternary 0) and ``s`` is one fp32 scale: the layout of :class:`quantframe.ternary.TernaryWeight`.
+
+The activation codes are computed in torch (the fp32 formula of
+``quantframe.ternary.quantize_activations_int8``); the kernels unpack the weight in registers and
+accumulate ``int8 x ternary`` products exactly in int32, then apply ``sx * s`` once per output:
+
+* ``M <= 16`` (decode): ``_ternary_gemv_kernel``, one program per ``BLOCK_N`` outputs holding
+  every row of x, multiply-and-sum on CUDA cores; the weight is read once at 2 bits a value.
+* more rows: ``_ternary_gemm_kernel``, ``tl.dot`` of int8 tiles into int32 (fp32 tiles under
+  the interpreter, exact below 2**24).
+
+Forward only: :class:`quantframe.ternary.TernaryWeight`'s ``F.linear`` supplies the STE backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from quantframe import primitives as P
+
+from . import use_triton
+
+__all__ = ["ternary_mm", "ternary_mm_reference", "ternary_mm_triton"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMV_MAX_ROWS = 16
+
+
+def _check_args(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() == 0:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"ternary_mm: x must be a float tensor [..., K], got {got}")
+    k = x.shape[-1]
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != -(-k // 4):
+        raise ValueError(
+            f"ternary_mm: packed must be uint8 [N, {-(-k // 4)}] for K={k} (x.shape[-1]), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if scale.numel() != 1 or not scale.is_floating_point():
+        raise ValueError(f"ternary_mm: scale must be one float value, got {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and (not bias.is_floating_point() or bias.shape != (packed.shape[0],)):
+        raise ValueError(
+            f"ternary_mm: bias must be a float [{packed.shape[0]}] tensor, got {bias.dtype} {tuple(bias.shape)}"
+        )
+    devices = {t.device for t in (x, packed, scale, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"ternary_mm: x, packed, scale and bias must share a device, got {sorted(map(str, devices))}")
+
+
+def _quantize_tokens(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes ``[M, K]`` and fp32 ``sx [M, 1]``: quantframe.ternary.quantize_activations_int8's ops."""
+    x2d = x2d.float()
+    sx = x2d.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
+    return torch.round(x2d / sx).clamp(-128, 127).to(torch.int8), sx
+
+
+def ternary_mm_reference(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``xq @ Wq.T (+ bias)`` in fp32, cast to ``x.dtype``: exactly TernaryWeight's ``F.linear`` on CPU.
+
+    Args:
+        x: ``[..., K]`` float activations (quantized here, per token).
+        packed: uint8 ``[N, ceil(K / 4)]``; scale: fp32 scalar; bias: ``[N]`` float or None.
+
+    Returns ``[..., N]`` in ``x.dtype``. Raises TypeError / ValueError for mismatched arguments.
+    """
+    _check_args(x, packed, scale, bias)
+    k = x.shape[-1]
+    codes, sx = _quantize_tokens(x.reshape(-1, k))
+    wq = (P.unpack_bits(packed, 2)[:, :k].to(torch.int8) - 1).float() * scale
+    y = torch.nn.functional.linear(codes.float() * sx, wq, None if bias is None else bias.float()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+@triton.jit
+def _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 ternary ``[BLOCK_N, BLOCK_K]`` tile at column ``k0`` (a multiple of 4); 0 past K."""
+    rb = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    p = tl.load(p_ptr + offs_n[:, None] * stride_pn + rb[None, :], mask=mask_n[:, None] & (rb < KB)[None, :], other=85)
+    p = p.to(tl.int32)  # 85 = 0b01010101: four codes 1 (ternary 0) in masked bytes
+    c0, c1, c2, c3 = (p & 3) - 1, ((p >> 2) & 3) - 1, ((p >> 4) & 3) - 1, ((p >> 6) & 3) - 1
+    # join(join(c0, c2), join(c1, c3))[..., i, t] is code 2 * i + t: byte order along K.
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_N, BLOCK_K)).to(tl.int8)
+
+
+@triton.jit
+def _epilogue(
+    acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS: tl.constexpr
+):
+    """``y.T [BLOCK_N, BLOCK_M] = acc * s * sx (+ bias)`` in fp32, stored in y's dtype."""
+    sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
+    out = acc.to(tl.float32) * tl.load(s_ptr) * sx[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn, out.to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_m[None, :])  # fmt: skip
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemv_configs() -> list[triton.Config]:
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (16, 256), (64, 128), (32, 256)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """The ``[BLOCK_N, BLOCK_K, BLOCK_M]`` int32 product must fit in registers (<= 64 a thread at 4 warps)."""
+    fit = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
+    return fit or configs[:1]
+
+
+@triton.autotune(
+    configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune_gemv}
+)
+@triton.jit
+def _ternary_gemv_kernel(
+    x_ptr, sx_ptr, p_ptr, s_ptr, b_ptr, y_ptr,  # x int8 [M, K], sx fp32 [M], packed [N, KB], s fp32 [], bias [N], y [M, N]
+    M, N, K, KB, stride_xm, stride_pn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # multiple of 4
+):  # fmt: skip
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N, BLOCK_K).to(tl.int32)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(
+            x_ptr + rk[:, None] + offs_m[None, :] * stride_xm, mask=(rk < K)[:, None] & mask_m[None, :], other=0
+        )
+        acc += tl.sum(w[:, :, None] * xt.to(tl.int32)[None, :, :], axis=1)  # exact
+    _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): compile for sm_90 without spills; not timed on a GPU.
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 64, 64, 8, 3),
+        (64, 128, 64, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, m, k, w, st in shapes
+    ]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Skip token tiles far larger than the problem."""
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["M"]))]
+    return small or configs
+
+
+@triton.autotune(
+    configs=_gemm_configs(), key=["M", "N", "K", "DOT_FP32"], prune_configs_by={"early_config_prune": _prune_gemm}
+)
+@triton.jit
+def _ternary_gemm_kernel(
+    x_ptr, sx_ptr, p_ptr, s_ptr, b_ptr, y_ptr,  # as in _ternary_gemv_kernel
+    M, N, K, KB, stride_xm, stride_pn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # the interpreter: fp32 tiles (exact); else an int8 x int8 -> int32 dot
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # y.T [N, M] = W [N, K] @ xq.T [K, M]: the unpacked weight is the dot's first operand.
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if DOT_FP32 else tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N, BLOCK_K)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(
+            x_ptr + rk[:, None] + offs_m[None, :] * stride_xm, mask=(rk < K)[:, None] & mask_m[None, :], other=0
+        )
+        if DOT_FP32:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+    _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton_op("quantframe::ternary_mm", mutates_args=())
+def _ternary_mm_op(
+    x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """int8 ``x_codes [M, K]`` (contiguous), fp32 ``sx [M]``; arguments checked by :func:`ternary_mm_triton`."""
+    m, k = x_codes.shape
+    n = packed.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x_codes.device)
+    if m == 0 or n == 0:
+        return y
+    args = (x_codes, sx, packed, scale, bias if bias is not None else sx, y,  # sx: dummy pointer without bias
+            m, n, k, packed.shape[1], x_codes.stride(0), packed.stride(0), y.stride(0), y.stride(1))  # fmt: skip
+    if m <= GEMV_MAX_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+        wrap_triton(_ternary_gemv_kernel)[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+        wrap_triton(_ternary_gemm_kernel)[grid](*args, HAS_BIAS=bias is not None, DOT_FP32=_interpreted())
+    return y
+
+
+def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Triton version of :func:`ternary_mm_reference` for fp32/fp16/bf16 ``x`` (else TypeError);
+    equal up to fp32 summation order (the integer products are exact). Forward only."""
+    _check_args(x, packed, scale, bias)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"ternary_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    k = x.shape[-1]
+    codes, sx = _quantize_tokens(x.reshape(-1, k))
+    y = torch.ops.quantframe.ternary_mm(
+        codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
+    )
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def ternary_mm(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``xq [..., K] @ Wq.T (+ bias)``: the Triton kernels on CUDA (fp32/fp16/bf16 x), else
+    :func:`ternary_mm_reference` (same arguments and result up to summation order). Forward only.
+
+    Example::
+
+        w = TernaryWeight.from_float(linear.weight)
+        y = ternary_mm(x, w.packed, w.scale, linear.bias)
+    """
+    if use_triton(x) and x.dtype in _FLOAT_DTYPES:
+        return ternary_mm_triton(x, packed, scale, bias)
+    return ternary_mm_reference(x, packed, scale, bias)

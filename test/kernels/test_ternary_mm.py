@@ -1,0 +1,93 @@
+"""quantframe.kernels.ternary_mm: reference vs TernaryWeight's F.linear and a float64 computation;
+Triton (interpreter, CPU tensors) vs reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quantframe.kernels.ternary_mm import ternary_mm, ternary_mm_reference, ternary_mm_triton
+
+from quantframe.ternary import TernaryWeight, quantize_activations_int8
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Integer products are exact on both sides; the fp32 sums differ in order and may flip the last
+# rounding to x's dtype.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+
+
+def _weight(n, k):
+    return TernaryWeight.from_float(torch.randn(n, k))
+
+
+def test_reference_matches_float64_codes_times_scales():
+    w, x, bias = _weight(7, 66), torch.randn(2, 5, 66), torch.randn(7)
+    y = ternary_mm_reference(x, w.packed, w.scale, bias)
+    codes, sx = quantize_activations_int8(x.reshape(-1, 66))
+    expect = (codes.double() * sx.double()) @ (w.codes().double() * w.scale.double()).T + bias.double()
+    assert y.shape == (2, 5, 7)
+    torch.testing.assert_close(y.double(), expect.reshape(2, 5, 7), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_equals_ternary_weight_linear_exactly():
+    w, x = _weight(9, 64), torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(ternary_mm_reference(x, w.packed, w.scale), F.linear(x, w))
+
+
+def _cases():
+    for m in (1, 5, 16, 33):  # GEMV up to 16 rows, GEMM above
+        for k in (64, 66):  # 66: the last byte holds two padding codes
+            for dname, dtype in DTYPES.items():
+                has_bias = (m + k) % 2 == 1
+                yield pytest.param(m, k, dtype, has_bias, id=f"M{m}-K{k}-{dname}{'-bias' if has_bias else ''}")
+
+
+@pytest.mark.parametrize("m, k, dtype, has_bias", list(_cases()))
+def test_triton_matches_reference(m, k, dtype, has_bias):
+    w = _weight(24, k)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(24).to(dtype) if has_bias else None
+    y = ternary_mm_triton(x, w.packed, w.scale, bias)
+    assert y.dtype == dtype and y.shape == (m, 24)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, ternary_mm_reference(x, w.packed, w.scale, bias), atol=atol, rtol=rtol)
+
+
+def test_triton_takes_3d_input_and_empty_batch():
+    w = _weight(9, 40)
+    x = torch.randn(2, 3, 40)
+    torch.testing.assert_close(ternary_mm_triton(x, w.packed, w.scale), ternary_mm_reference(x, w.packed, w.scale))
+    assert ternary_mm_triton(torch.randn(0, 40), w.packed, w.scale).shape == (0, 9)
+
+
+def test_dispatch_uses_reference_on_cpu():
+    w, x = _weight(7, 64), torch.randn(5, 64)
+    assert torch.equal(ternary_mm(x, w.packed, w.scale), ternary_mm_reference(x, w.packed, w.scale))
+
+
+_P = torch.zeros(7, 16, dtype=torch.uint8)  # K = 64
+BAD_INPUTS = [
+    pytest.param({"x": torch.ones(3, 64, dtype=torch.long)}, TypeError, "x must be a float tensor", id="x-int"),
+    pytest.param({"packed": _P[:, :15]}, ValueError, r"packed must be uint8 \[N, 16\] for K=64", id="packed-short"),
+    pytest.param({"packed": _P.to(torch.int8)}, ValueError, "packed must be uint8", id="packed-int8"),
+    pytest.param({"scale": torch.ones(2)}, ValueError, "scale must be one float value", id="scale-2"),
+    pytest.param({"bias": torch.zeros(8)}, ValueError, r"bias must be a float \[7\] tensor", id="bias-shape"),
+    pytest.param({"scale": torch.ones((), device="meta")}, ValueError, "must share a device", id="device"),
+]
+
+
+@pytest.mark.parametrize("impl", [ternary_mm_reference, ternary_mm_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
+def test_bad_input_raises(impl, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        impl(**({"x": torch.randn(3, 64), "packed": _P, "scale": torch.ones(()), "bias": None} | kwargs))
+
+
+# ---- GPU: real sizes (CPU siblings above) ------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 2048], ids=lambda m: f"M{m}")
+def test_triton_matches_reference_on_cuda(m):
+    w = TernaryWeight.from_float(torch.randn(4096, 4096, device="cuda"))
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    y = ternary_mm(x, w.packed, w.scale)
+    torch.testing.assert_close(y, ternary_mm_reference(x, w.packed, w.scale), atol=2e-2, rtol=2e-2)
+    compiled = torch.compile(ternary_mm, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w.packed, w.scale), y, atol=0, rtol=0)
