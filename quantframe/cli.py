@@ -2,6 +2,8 @@
 
     quantframe train                               # one run, the default scheme (int8-qt)
     quantframe train --compare none,int8-qt        # each scheme in a fresh process, one plot
+    quantframe train --quantize none --save d.pt   # then adapters over its NF4 weights:
+    quantframe train --quantize nf4-dora --init-from d.pt
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quantframe.train import SCHEMES, TrainConfig, TrainResult, train
+from quantframe.train import CONVERSIONS, SCHEMES, ByteLM, TrainConfig, TrainResult, load_dense_state_, train
 
 __all__ = ["main"]
 
@@ -62,6 +64,10 @@ _EXAMPLES = """examples:
   quantframe train                              one int8-qt run, then its summary and a loss plot
   quantframe train --compare none,int8-qt       dense vs INT8 weights, each in a fresh process
   quantframe train --quantize none --steps 100 --dim 128 --layers 2
+  quantframe train --quantize bitnet            ternary QAT; reports the loss before and after packing
+  quantframe train --quantize none --save runs/dense.pt
+  quantframe train --quantize nf4-dora --init-from runs/dense.pt
+                                                QDoRA: NF4 base of the dense weights, adapters train
 """
 
 
@@ -98,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         else:
             help_text = f"{text} (default: {default})"
         p.add_argument(flag, type=kind, default=default, dest=name, metavar=metavar, help=help_text)
+    p.add_argument("--init-from", dest="init_from", metavar="PATH",
+                   help="start from this dense state_dict (saved by a --quantize none run with --save); "
+                        "required by nf4-dora and nf4-lora, whose NF4 base is these weights quantized")  # fmt: skip
+    p.add_argument("--save", dest="save", metavar="PATH",
+                   help="save the trained model's state_dict to PATH (one scheme only)")  # fmt: skip
     p.add_argument("--out", default=defaults.out_dir, dest="out_dir", metavar="DIR",
                    help=f"directory for the loss plot (default: {defaults.out_dir}/)")  # fmt: skip
     p.add_argument("--no-plot", action="store_true", help="do not write the loss plot")
@@ -115,17 +126,39 @@ def _run_in_fresh_process(cfg: TrainConfig, progress: bool) -> TrainResult:
 
 def _table(results: list[TrainResult]) -> str:
     mem = results[0].peak_memory_kind
-    rows = [("scheme", "train loss", "val loss", "tokens/s", f"{mem} (MiB)", "weights (MiB)")]
+    # the converted column only where a scheme converts (bitnet -> ternary); "-" for the others
+    converts = any(r.converted_val_loss is not None for r in results)
+    rows = [("scheme", "train loss", "val loss", *(["val converted"] if converts else []), "tokens/s",
+             f"{mem} (MiB)", "weights (MiB)")]  # fmt: skip
     for r in results:
+        converted = ["-" if r.converted_val_loss is None else f"{r.converted_val_loss:.4f}"] if converts else []
         rows.append((
-            r.scheme, f"{r.final_train_loss:.4f}", f"{r.final_val_loss:.4f}", f"{r.tokens_per_s:,.0f}",
+            r.scheme, f"{r.final_train_loss:.4f}", f"{r.final_val_loss:.4f}", *converted, f"{r.tokens_per_s:,.0f}",
             f"{r.peak_memory_bytes / _MiB:,.1f}", f"{r.weight_bytes / _MiB:.3f}",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     # scheme names left-aligned, numbers right-aligned
     lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(results))
+
+
+def _notes(results: list[TrainResult]) -> list[str]:
+    """One line per fine-tune (loss at its start) and per conversion (loss and bytes before/after)."""
+    lines = []
+    for r in results:
+        if r.eval_losses[0][0] == 0:  # started from --init-from: the step-0 estimate
+            start, end = r.eval_losses[0][2], r.final_val_loss
+            lines.append(f"{r.scheme}: val loss {start:.4f} at the start (init-from) -> {end:.4f} after training")
+        if r.converted_val_loss is not None:
+            name = CONVERSIONS[r.scheme].__name__
+            lines.append(
+                f"{r.scheme}: {name}: val loss {r.final_val_loss:.4f} -> {r.converted_val_loss:.4f} "
+                f"({r.converted_val_loss - r.final_val_loss:+.2e}), train loss {r.final_train_loss:.4f} -> "
+                f"{r.converted_train_loss:.4f}, weights {r.weight_bytes / _MiB:.3f} -> "
+                f"{r.converted_weight_bytes / _MiB:.3f} MiB"
+            )
+    return [""] + lines if lines else []
 
 
 def _plot(results: list[TrainResult], cfg: TrainConfig, path: Path) -> None:
@@ -158,9 +191,13 @@ def _train_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for name, value in _GPU_DEFAULTS.items():
         overrides.setdefault(name, value if on_gpu else getattr(TrainConfig, name))
     schemes = args.compare or [args.quantize]
+    if args.save is not None and len(schemes) > 1:
+        parser.error(f"--save takes one scheme; --compare lists {len(schemes)} (they would overwrite {args.save})")
     try:
         configs = [TrainConfig(**{**overrides, "quantize": s}) for s in schemes]
-    except ValueError as e:
+        if args.init_from is not None:  # a wrong checkpoint fails here, before any run starts
+            load_dense_state_(ByteLM(configs[0]), args.init_from)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))  # exit 2 with usage, like any bad flag
     progress = not args.no_progress
     if args.compare:

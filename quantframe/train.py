@@ -9,6 +9,11 @@ Example::
     from quantframe.train import TrainConfig, train
     result = train(TrainConfig(quantize="int8-qt", steps=100))
     print(result.final_val_loss)
+
+Fine-tuning adapters over a frozen NF4 base starts from a dense run's weights::
+
+    train(TrainConfig(quantize="none", save="dense.pt"))
+    train(TrainConfig(quantize="nf4-dora", init_from="dense.pt"))
 """
 
 from __future__ import annotations
@@ -30,22 +35,39 @@ from torch import Tensor, nn
 from quantframe.api import QuantConfig, quantize_, summary
 from quantframe.int8_mixed_precision import int8_mixed_precision_training
 from quantframe.int8_training import int8_weight_only_quantized_training
+from quantframe.nf4 import nf4_weight_only
+from quantframe.nn.dora import DoRAConfig, apply_adapters_, dora, lora
 from quantframe.optim import AdamW, AdamW8bit
 from quantframe.tensor import QuantTensor
+from quantframe.ternary import bitnet_training, convert_bitnet_to_ternary_
 
 __all__ = [
-    "SCHEMES", "OPTIMIZERS", "TrainConfig", "TrainResult", "ByteLM", "ByteData", "load_stdlib_bytes", "quantize_filter",
-    "get_lr", "lm_loss", "estimate_loss", "weight_bytes", "setup", "train",
+    "SCHEMES", "CONVERSIONS", "OPTIMIZERS", "TrainConfig", "TrainResult", "ByteLM", "ByteData", "load_stdlib_bytes",
+    "quantize_filter", "get_lr", "lm_loss", "estimate_loss", "weight_bytes", "load_dense_state_", "setup", "train",
 ]  # fmt: skip
 
 VOCAB = 256  # byte-level: every byte is a token, no tokenizer to ship
 
+# NF4 blocks of 32 with 32 block scales per scaler (QLoRA: 64 and 256), so that every Linear of
+# these small models (in_features a multiple of 32, numel a multiple of 1024) takes an NF4 base.
+_NF4_BASE = nf4_weight_only(block_size=32, scaler_block_size=32)
+
 # Scheme name -> config factory (None: train dense). `--quantize` / `--compare` choices are the keys.
+# A DoRAConfig fine-tunes adapters over a frozen quantized base; it needs `init_from` (see TrainConfig).
 SCHEMES: dict[str, Callable[[], QuantConfig | None]] = {
     "none": lambda: None,
     "int8-qt": int8_weight_only_quantized_training,
     "int8-mp": int8_mixed_precision_training,  # INT8 matmuls, float weights
     "int8-mp-w8": lambda: int8_mixed_precision_training(int8_weights=True),  # INT8 matmuls and weights
+    "bitnet": bitnet_training,  # ternary x INT8 forward (STE) on float master weights
+    "nf4-dora": lambda: dora(rank=8, alpha=16, base=_NF4_BASE),  # QDoRA: only adapters + magnitudes train
+    "nf4-lora": lambda: lora(rank=8, alpha=16, base=_NF4_BASE),  # QLoRA: only adapters train
+}
+
+# Scheme name -> the conversion to its inference format, applied after the last step; the run
+# reports the loss before and after it (TrainResult.converted_*).
+CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "bitnet": convert_bitnet_to_ternary_,  # packed 2-bit TernaryWeight, the same forward
 }
 
 # Optimizer name -> class; both do fp32 math (AdamW8bit keeps its moments in 8 bits).
@@ -77,6 +99,8 @@ class TrainConfig:
     optim: str = "adamw"  # a key of OPTIMIZERS
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int = 0  # CPU intra-op threads for this run; 0: torch's default (one per core)
+    init_from: str | None = None  # dense state_dict (a run with save=...) loaded before quantizing
+    save: str | None = None  # write the trained model's state_dict here (before any conversion)
     # evaluation and output
     eval_interval: int = 100  # estimate train/val loss every N steps (and always at the end); 0: only at the end
     eval_batches: int = 8  # batches per loss estimate (the same windows every time)
@@ -101,6 +125,11 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig: need lr > 0, warmup_steps >= 0, weight_decay >= 0, grad_clip >= 0; got lr={self.lr}, "
                 f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}, grad_clip={self.grad_clip}"
+            )
+        if isinstance(SCHEMES[self.quantize](), DoRAConfig) and self.init_from is None:
+            raise ValueError(
+                f"TrainConfig: quantize={self.quantize!r} fine-tunes adapters over a frozen base, so it needs "
+                f"init_from (a dense state_dict: first train quantize='none' with save=PATH)"
             )
         if self.eval_interval < 0 or self.threads < 0:
             raise ValueError(
@@ -263,6 +292,11 @@ class TrainResult:
     weight_bytes: int  # parameter bytes: packed bytes for quantized weights
     wall_time_s: float  # the whole call: data, model, training, evaluation
     summary: str = field(default="", repr=False)  # quantframe.summary(model)
+    # schemes in CONVERSIONS: train/val loss after converting to the inference format (the final_*
+    # losses are before it) and the converted model's weight bytes; None for other schemes
+    converted_train_loss: float | None = None
+    converted_val_loss: float | None = None
+    converted_weight_bytes: int | None = None
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -336,8 +370,41 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         torch.set_num_threads(threads)  # process-wide setting: leave it as we found it
 
 
+def load_dense_state_(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a dense ``state_dict`` (saved by a ``quantize="none"`` run with ``save``) into ``model``.
+
+    Raises ``TypeError`` when the file is not a dict, ``ValueError`` when it holds quantized or
+    adapter tensors or its keys or shapes differ from the model's (a checkpoint of another size).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"init_from={str(path)!r}: expected a state_dict, got {type(state).__name__}")
+    quantized = [k for k, v in state.items() if type(v) is not torch.Tensor]
+    if quantized:
+        raise ValueError(
+            f"init_from={str(path)!r}: {quantized[0]} is a {type(state[quantized[0]]).__name__}, not a plain tensor; "
+            f"init_from takes the state_dict of a dense run (quantize='none' with save=...)"
+        )
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                 for k, v in own.items() if k in state and state[k].shape != v.shape]  # fmt: skip
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"init_from={str(path)!r} does not fit this config's model: {'; '.join(problems[:3])}{more}; "
+            f"use the dim/layers/heads/ffn_hidden of the run that saved it"
+        )
+    model.load_state_dict(state)
+
+
 def setup(cfg: TrainConfig) -> tuple[torch.device, ByteData, ByteLM, AdamW]:
-    """Device, data, the (quantized) model and its optimizer, all seeded from ``cfg.seed``."""
+    """Device, data, the (quantized) model and its optimizer, all seeded from ``cfg.seed``.
+
+    ``cfg.init_from`` loads dense weights before quantizing. A DoRAConfig scheme swaps the selected
+    Linears for :class:`DoRALinear` (frozen quantized base) and freezes everything else, so the
+    optimizer sees only ``lora_A``, ``lora_B`` and ``magnitude``.
+    """
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -345,12 +412,19 @@ def setup(cfg: TrainConfig) -> tuple[torch.device, ByteData, ByteLM, AdamW]:
     # fp32 weights and activations everywhere: bf16 matmuls on CPU are slower than fp32 ones.
     torch.manual_seed(cfg.seed)  # the same float init for every scheme, and the SR noise sequence
     data = ByteData(cfg)
-    model = ByteLM(cfg).to(device)
+    model = ByteLM(cfg)
+    if cfg.init_from is not None:
+        load_dense_state_(model, cfg.init_from)
+    model = model.to(device)
     qconfig = SCHEMES[cfg.quantize]()
-    if qconfig is not None:
+    if isinstance(qconfig, DoRAConfig):
+        model.requires_grad_(False)  # embedding, norms and skipped Linears stay as loaded
+        apply_adapters_(model, qconfig, filter_fn=quantize_filter)  # new adapters require grad
+    elif qconfig is not None:
         quantize_(model, qconfig, filter_fn=quantize_filter)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return device, data, model, OPTIMIZERS[cfg.optim](groups, lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -367,6 +441,9 @@ def _train(cfg: TrainConfig, progress: bool) -> TrainResult:
     device, data, model, opt = setup(cfg)
     step_losses = torch.zeros(cfg.steps, device=device)
     eval_losses: list[tuple[int, float, float]] = []
+    if cfg.init_from is not None:  # a fine-tune: where it starts from is part of the result
+        est = estimate_loss(model, data, cfg, device)
+        eval_losses.append((0, est["train"], est["val"]))
     # tokens/s is timed from the second step: the first pays one-off costs (lazy kernel imports,
     # Triton compiles on CUDA, allocator warm-up) that would swamp a short run.
     timed_steps = max(1, cfg.steps - 1)
@@ -382,7 +459,7 @@ def _train(cfg: TrainConfig, progress: bool) -> TrainResult:
         loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:  # weight grads are plain tensors, quantized weight or not
+        if cfg.grad_clip > 0:  # weight grads are plain tensors, quantized weight or not (frozen: None)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()  # quantized weights: dequantize, AdamW in fp32, requantize once (stochastic rounding)
         step_losses[step] = loss.detach()  # no .item() here: on CUDA that would sync every step
@@ -399,6 +476,15 @@ def _train(cfg: TrainConfig, progress: bool) -> TrainResult:
 
     est = estimate_loss(model, data, cfg, device)
     eval_losses.append((cfg.steps, est["train"], est["val"]))
+    if cfg.save is not None:
+        Path(cfg.save).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cfg.save)
+    trained_bytes, trained_summary = weight_bytes(model.parameters()), summary(model)
+    converted: dict[str, float | int | None] = dict.fromkeys(("train", "val", "bytes"))
+    if cfg.quantize in CONVERSIONS:
+        CONVERSIONS[cfg.quantize](model)
+        after = estimate_loss(model, data, cfg, device)
+        converted = {"train": after["train"], "val": after["val"], "bytes": weight_bytes(model.parameters())}
     peak, peak_kind = _peak_memory(device)
     return TrainResult(
         scheme=cfg.quantize,
@@ -409,7 +495,10 @@ def _train(cfg: TrainConfig, progress: bool) -> TrainResult:
         tokens_per_s=timed_steps * cfg.batch_size * cfg.seq_len / train_time,
         peak_memory_bytes=peak,
         peak_memory_kind=peak_kind,
-        weight_bytes=weight_bytes(model.parameters()),
+        weight_bytes=trained_bytes,
         wall_time_s=time.perf_counter() - t_start,
-        summary=summary(model),
+        summary=trained_summary,
+        converted_train_loss=converted["train"],
+        converted_val_loss=converted["val"],
+        converted_weight_bytes=converted["bytes"],
     )

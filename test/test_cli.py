@@ -75,3 +75,64 @@ def test_model_size_defaults_follow_the_device(monkeypatch, device, dim, steps):
     with pytest.raises(Seen) as seen:  # an explicit flag wins on any device
         main(["train", "--device", device, "--dim", "96", "--no-plot", "--no-progress"])
     assert seen.value.args[0].dim == 96 and seen.value.args[0].steps == steps
+
+
+def test_bitnet_run_reports_the_loss_before_and_after_ternary_conversion(tmp_path, capsys):
+    assert main(["train", *TINY, "--quantize", "bitnet", "--no-plot", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "BitNetTrainingLinearWeight" in out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("scheme"))
+    header, cells = lines[at], lines[at + 2].split()  # the row under the header's rule
+    assert header.split()[:7] == ["scheme", "train", "loss", "val", "loss", "val", "converted"]
+    assert cells[0] == "bitnet" and cells[2] == cells[3]  # val loss == val loss after conversion (4 decimals)
+    assert "bitnet: convert_bitnet_to_ternary_: val loss " in out and "weights 0.114 -> 0.037 MiB" in out
+
+
+def test_compare_shows_a_dash_where_a_scheme_does_not_convert(monkeypatch, capsys):
+    from quantframe import cli
+
+    # in-process stand-ins for the spawned runs: the table is what is tested here
+    monkeypatch.setattr(cli, "_run_in_fresh_process", lambda cfg, progress: cli.train(cfg, progress))
+    assert main(["train", *TINY, "--steps", "1", "--compare", "none,bitnet", "--no-plot"]) == 0
+    header, _, dense, bitnet, *notes = capsys.readouterr().out.splitlines()
+    assert header.split()[5:7] == ["val", "converted"]
+    assert (dense.split()[0], dense.split()[3]) == ("none", "-")
+    assert bitnet.split()[0] == "bitnet" and bitnet.split()[3] != "-"
+    assert notes[0] == "" and notes[1].startswith("bitnet: convert_bitnet_to_ternary_: val loss")
+
+
+def test_save_then_nf4_dora_init_from_fine_tunes_the_adapters(tmp_path, capsys):
+    dense = tmp_path / "dense.pt"
+    assert main(["train", *TINY, "--quantize", "none", "--save", str(dense), "--no-plot"]) == 0
+    assert dense.exists()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--quantize", "nf4-dora", "--init-from", str(dense), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head.weight             NF4Tensor  256x32" in out
+    assert "\nnf4-dora " in out and "nf4-dora: val loss " in out and "at the start (init-from) -> " in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantize", "nf4-dora"], "quantize='nf4-dora' fine-tunes adapters over a frozen base, so it needs init_from"),
+        (["--quantize", "nf4-lora", "--init-from", "missing.pt"], "No such file or directory: 'missing.pt'"),
+        (["--compare", "none,int8-qt", "--save", "x.pt"], "--save takes one scheme; --compare lists 2"),
+    ],
+)
+def test_fine_tune_flags_exit_2_with_the_reason(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, *flags, "--no-plot"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_init_from_a_checkpoint_of_another_size_exits_2(tmp_path, capsys):
+    dense = tmp_path / "dense.pt"
+    main(["train", *TINY, "--steps", "1", "--quantize", "none", "--save", str(dense), "--no-plot"])
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, "--dim", "64", "--quantize", "nf4-dora", "--init-from", str(dense), "--no-plot"])
+    assert exc.value.code == 2
+    assert "does not fit this config's model: tok_emb.weight: (256, 32) in the file, (256, 64)" in capsys.readouterr().err

@@ -119,3 +119,68 @@ def test_lr_warms_up_then_decays_to_a_tenth():
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         replace(TINY, **change)
+
+
+# ---- bitnet: QAT, then the ternary conversion ---------------------------------------------------
+def test_bitnet_trains_and_its_ternary_conversion_keeps_the_loss():
+    cfg = replace(TINY, steps=20, warmup_steps=3, eval_interval=0, quantize="bitnet")
+    result = train(cfg, progress=False)
+    assert "BitNetTrainingLinearWeight" in result.summary
+    assert result.final_train_loss < result.losses[0] - 0.3  # it learns (from ~ln 256 = 5.55)
+    # convert_bitnet_to_ternary_ packs the very ternary values the forward used: same loss
+    assert abs(result.converted_val_loss - result.final_val_loss) < 1e-4
+    assert abs(result.converted_train_loss - result.final_train_loss) < 1e-4
+    assert result.converted_weight_bytes < 0.4 * result.weight_bytes  # 2-bit codes vs fp32 masters
+    dense = train(replace(TINY, quantize="none"), progress=False)
+    assert dense.converted_val_loss is None and dense.converted_weight_bytes is None
+
+
+# ---- nf4-dora / nf4-lora: adapters over a frozen NF4 base, from a dense checkpoint --------------
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "dense.pt"
+    train(replace(TINY, quantize="none", steps=20, warmup_steps=3, eval_interval=0, save=str(path)), progress=False)
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["nf4-dora", "nf4-lora"])
+def test_adapter_fine_tune_trains_only_the_adapters(dense_checkpoint, tmp_path, scheme):
+    from quantframe.nf4 import NF4Tensor
+
+    out = tmp_path / "tuned.pt"
+    cfg = replace(TINY, quantize=scheme, steps=10, warmup_steps=2, lr=1e-2, eval_interval=0,
+                  init_from=str(dense_checkpoint), save=str(out))  # fmt: skip
+    result = train(cfg, progress=False)
+    start, end = result.eval_losses[0], result.eval_losses[-1]
+    assert start[0] == 0 and end[0] == cfg.steps
+    assert end[1] <= start[1] and end[2] <= start[2]  # train and val loss after <= at the start
+    dense = torch.load(dense_checkpoint, weights_only=True)
+    tuned = torch.load(out, weights_only=True)
+    adapted = {k.rpartition(".")[0] for k in tuned if k.endswith(".lora_A")}
+    assert len(adapted) == 5 * TINY.n_layers + 1  # every quantize_filter Linear took an NF4 base
+    for key, value in tuned.items():
+        module, _, name = key.rpartition(".")
+        if module not in adapted:  # embedding and norms: frozen, exactly as loaded
+            assert torch.equal(value, dense[key]), key
+        elif name == "weight":  # the frozen base: NF4 of the dense weight, untouched
+            ref = NF4Tensor.from_float(dense[key], block_size=32, scaler_block_size=32)
+            assert isinstance(value, NF4Tensor) and torch.equal(value.dequantize(), ref.dequantize()), key
+        elif name == "lora_B":  # starts at zero; training moved it
+            assert value.abs().max() > 0, key
+        elif name == "magnitude":  # starts at the base's row norms; training moved it
+            assert not torch.allclose(value, torch.linalg.vector_norm(tuned[f"{module}.weight"].dequantize(), dim=1))
+    assert any(k.endswith(".magnitude") for k in tuned) == (scheme == "nf4-dora")
+
+
+def test_adapter_schemes_need_a_fitting_dense_checkpoint(dense_checkpoint, tmp_path):
+    needs = "quantize='nf4-dora' fine-tunes adapters over a frozen base, so it needs init_from"
+    with pytest.raises(ValueError, match=needs):
+        replace(TINY, quantize="nf4-dora")
+    wider = replace(TINY, dim=64, quantize="nf4-dora", init_from=str(dense_checkpoint))
+    with pytest.raises(ValueError, match=r"does not fit this config's model: tok_emb.weight: \(256, 32\) in the file, "
+                                         r"\(256, 64\) in the model"):  # fmt: skip
+        train(wider, progress=False)
+    tuned = tmp_path / "tuned.pt"
+    train(replace(TINY, quantize="nf4-lora", init_from=str(dense_checkpoint), save=str(tuned)), progress=False)
+    with pytest.raises(ValueError, match="layers.0.attn.wqkv.weight is a NF4Tensor, not a plain tensor"):
+        train(replace(TINY, quantize="nf4-dora", init_from=str(tuned)), progress=False)

@@ -97,6 +97,21 @@ def _dense(w: Tensor, dtype: torch.dtype) -> Tensor:
     return w.dequantize(dtype) if isinstance(w, QuantTensor) else w.to(dtype)
 
 
+def _full(t: Tensor | None) -> Tensor | None:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it), else ``t``.
+
+    Inside forward FSDP2 hands the layer unsharded tensors; outside it (``merge``, a norm taken
+    between steps) the parameters are ``DTensor`` row shards, and a row norm or ``B @ A`` of
+    shards would be wrong (``B``'s and ``W``'s rows are split, ``A`` is too).
+    """
+    if t is not None and torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
+
+
 def weight_norm(w: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``||W + s * B @ A||_2`` per output row: ``[N]`` (fp32, fp64 for an fp64 ``A``), no gradient.
 
@@ -106,6 +121,7 @@ def weight_norm(w: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Te
     """
     from quantframe.kernels.dora import dora_column_norm  # lazy: keeps `import quantframe` triton-free
 
+    w, lora_A, lora_B = _full(w), _full(lora_A), _full(lora_B)  # FSDP2 shards: the whole rows
     w = _dense(w, _acc_dtype(lora_A))
     return dora_column_norm(w, lora_A, lora_B, torch.ones_like(w[:, 0]), scaling)[0]
 
@@ -237,16 +253,21 @@ class DoRALinear(nn.Module):
             x2d, x_lora, self.weight, self.bias, self.lora_A, self.lora_B,
             self.magnitude, self.scaling, self.use_dora,
         )  # fmt: skip
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # _unsafe_view: not a view for autograd, so FSDP2's pre-backward hook on the output holds
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
 
     @torch.no_grad()
     def merge(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight ``[N, K]`` the layer applies: ``m / ||W + sBA|| * (W + sBA)`` (LoRA:
-        ``W + sBA``), computed in fp32 and returned in ``dtype``; the layer is not changed."""
-        acc = _acc_dtype(self.lora_A)
-        v = _dense(self.weight, acc) + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+        ``W + sBA``), computed in fp32 and returned in ``dtype``; the layer is not changed.
+
+        Under FSDP2 (``DTensor`` parameters) every rank must call it: it gathers the whole
+        weight and returns it on every rank."""
+        a, b, m = _full(self.lora_A), _full(self.lora_B), _full(self.magnitude)
+        acc = _acc_dtype(a)
+        v = _dense(_full(self.weight), acc) + self.scaling * (b.to(acc) @ a.to(acc))
         if self.use_dora:
-            v = v * (self.magnitude.to(acc) / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)
+            v = v * (m.to(acc) / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)
         return v.to(dtype)
 
     def extra_repr(self) -> str:
