@@ -16,24 +16,23 @@ straddles a group (``BLOCK_K`` divides ``group_size``). Accumulation is fp32; th
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from quantframe import primitives as P
 
+from . import _weight_mm as wmm
 from . import use_triton
 
 __all__ = ["affine_mm", "affine_mm_reference", "affine_mm_triton"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
+
 _KERNEL_BITS = (8, 4)
 _CODES_PER_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # K must be a multiple of this (3-bit: 8 codes in 3 bytes)
-GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
 
 
 def _check_args(
@@ -76,15 +75,8 @@ def _check_args(
             raise ValueError(
                 f"affine_mm: {name}.shape={tuple(t.shape)}, expected ({n}, {g}) for N={n}, K={k}, group_size={group_size}"
             )
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise TypeError(f"affine_mm: bias.dtype={bias.dtype}, expected a float dtype")
-        if bias.shape != (n,):
-            raise ValueError(f"affine_mm: bias.shape={tuple(bias.shape)}, expected ({n},)")
-    devices = {t.device for t in (x, qdata, scale, zero_point, bias) if t is not None}
-    if len(devices) > 1:
-        got = sorted(map(str, devices))
-        raise ValueError(f"affine_mm: x, qdata, scale, zero_point and bias must share a device, got {got}")
+    tensors = {"x": x, "qdata": qdata, "scale": scale, "zero_point": zero_point, "bias": bias}
+    wmm.check_bias_and_devices("affine_mm", n, bias, tensors)
 
 
 def _dequantize(qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -156,31 +148,13 @@ def _codes_minus_zero(
     return q - z[:, None]
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _gemv_configs() -> list[triton.Config]:
-    """(BLOCK_N, BLOCK_K) candidates for 4 warps; the interpreter gets one small config."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
-    shapes = [(16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
-
-
-def _prune_gemv(configs, named_args, **kwargs):
-    """``BLOCK_K`` must divide the group; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product must fit in
-    registers (<= 64 fp32 values a thread at 4 warps)."""
-    group, block_m = kwargs["GROUP_SIZE"], kwargs["BLOCK_M"]
-    ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
-    fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
-    return fit or ok[:1]
+_GEMV_SHAPES = [(16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128)]
 
 
 @triton.autotune(
-    configs=_gemv_configs(),
+    configs=wmm.gemv_configs(_GEMV_SHAPES, interpreter_block_k=32),  # (BLOCK_N, BLOCK_K) at 4 warps
     key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"],
-    prune_configs_by={"early_config_prune": _prune_gemv},
+    prune_configs_by={"early_config_prune": wmm.prune_gemv("GROUP_SIZE")},
 )
 @triton.jit
 def _affine_gemv_kernel(
@@ -219,45 +193,13 @@ def _affine_gemv_kernel(
             acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
     if GROUP_SIZE == 0:  # per row: one multiply per output, not per weight
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_n[:, None] & mask_m[None, :],
-    )
-
-
-def _gemm_configs() -> list[triton.Config]:
-    """Autotune candidates for Hopper; the interpreter gets one small config."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
-    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): those ptxas compiles for sm_90 without
-    # spills in bf16 (larger tiles spill); not yet timed on a GPU.
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-    ]  # fmt: skip
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for n, m, k, w, st in shapes
-    ]
-
-
-def _prune_gemm(configs, named_args, **kwargs):
-    """``BLOCK_K`` must divide the group; fp32 takes small tiles; skip token tiles far larger than the problem."""
-    group, m = kwargs["GROUP_SIZE"], named_args["M"]
-    ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
-    if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
-        ok = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32] or ok
-    small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
-    return small or ok
+    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=wmm.gemm_configs(wmm.GEMM_SHAPES, interpreter_block_k=32),
     key=["M", "N", "K", "BITS", "GROUP_SIZE", "DOT_FP32"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
+    prune_configs_by={"early_config_prune": wmm.prune_gemm("GROUP_SIZE")},
 )
 @triton.jit
 def _affine_gemm_kernel(
@@ -302,13 +244,7 @@ def _affine_gemm_kernel(
             acc = tl.dot(wt.to(xt.dtype), xt, acc)
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_n[:, None] & mask_m[None, :],
-    )
+    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
@@ -318,28 +254,10 @@ def _affine_mm_op(
     x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int, bias: Tensor | None
 ) -> Tensor:
     """2-D ``x [M, K]``; ``group_size`` 0 = per row; arguments checked by :func:`affine_mm_triton`."""
-    m, k = x.shape
-    n = qdata.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    args = (
-        x, qdata, scale, zero_point, bias if bias is not None else scale, y,  # scale: dummy pointer without bias
-        m, n, k,
-        x.stride(0), x.stride(1), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
-        zero_point.stride(0), zero_point.stride(1), y.stride(0), y.stride(1),
-    )  # fmt: skip
-    common = {"BITS": bits, "GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
-    if m <= GEMV_MAX_ROWS:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        wrap_triton(_affine_gemv_kernel)[grid](*args, **common, BLOCK_M=triton.next_power_of_2(m))
-    else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-        dot_fp32 = x.dtype == torch.float32 or _interpreted()
-        wrap_triton(_affine_gemm_kernel)[grid](*args, **common, DOT_FP32=dot_fp32)
-    return y
+    weights = (qdata, scale, zero_point)
+    strides = (*qdata.stride(), *scale.stride(), *zero_point.stride())  # all 2-D
+    constexprs = {"BITS": bits, "GROUP_SIZE": group_size}
+    return wmm.launch(_affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0], **constexprs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -364,8 +282,8 @@ def _kernel_problem(x: Tensor, bits: int, group_size: int | None) -> Exception |
     """Why the Triton kernels cannot take these (otherwise valid) arguments; None when they can."""
     if bits not in _KERNEL_BITS:
         return ValueError(f"affine_mm_triton: bits={bits!r} is not supported; expected one of {_KERNEL_BITS}")
-    if x.dtype not in _FLOAT_DTYPES:
-        return TypeError(f"affine_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    if (problem := wmm.x_dtype_problem(x, "affine_mm_triton")) is not None:
+        return problem
     if group_size is not None and (group_size < 16 or group_size & (group_size - 1)):
         return ValueError(f"affine_mm_triton: group_size={group_size} must be None or a power of two >= 16")
     return None

@@ -23,20 +23,18 @@ dequantizes ``W`` once into the gradient's dtype and runs one matmul on CUDA (fp
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import _weight_mm as wmm
 from . import use_triton
 
 __all__ = ["nf4_mm", "nf4_mm_grad_input", "nf4_mm_reference", "nf4_mm_triton"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
 
 
 def _check_weight(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, k: int, who: str) -> None:
@@ -77,16 +75,8 @@ def _check_args(
     if x.dim() == 0:
         raise ValueError(f"{who}: x must have at least one dim [..., K], got a scalar")
     _check_weight(codes, scale, levels, block_size, x.shape[-1], who)
-    n = codes.shape[0]
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise TypeError(f"{who}: bias.dtype={bias.dtype}, expected a float dtype")
-        if bias.shape != (n,):
-            raise ValueError(f"{who}: bias.shape={tuple(bias.shape)}, expected ({n},)")
-    devices = {t.device for t in (x, codes, scale, levels, bias) if t is not None}
-    if len(devices) > 1:
-        got = sorted(map(str, devices))
-        raise ValueError(f"{who}: x, codes, scale, levels and bias must share a device, got {got}")
+    tensors = {"x": x, "codes": codes, "scale": scale, "levels": levels, "bias": bias}
+    wmm.check_bias_and_devices(who, codes.shape[0], bias, tensors)
 
 
 def _dequantize(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int) -> Tensor:
@@ -161,32 +151,14 @@ def _nf4_levels_tile(
     return tl.load(lv_ptr + q)  # gather from the 16-entry table (one cache line)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _gemv_configs() -> list[triton.Config]:
-    """(BLOCK_N, BLOCK_K) candidates for 4 warps; the interpreter gets one small config (the
-    autotuner times any list longer than one), whose BLOCK_K divides every block_size >= 16."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    shapes = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32, 64), (64, 64), (128, 64)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
-
-
-def _prune_gemv(configs, named_args, **kwargs):
-    """``BLOCK_K`` must divide the block; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product must fit in
-    registers (<= 64 fp32 values a thread at 4 warps: ptxas on sm_90 spills above)."""
-    block, block_m = kwargs["BLOCK_SIZE"], kwargs["BLOCK_M"]
-    ok = [c for c in configs if block % c.kwargs["BLOCK_K"] == 0]
-    fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
-    return fit or ok[:1]
+_GEMV_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32, 64), (64, 64), (128, 64)]
 
 
 @triton.autotune(
-    configs=_gemv_configs(),
+    # (BLOCK_N, BLOCK_K) at 4 warps; the interpreter's BLOCK_K 16 divides every block_size >= 16.
+    configs=wmm.gemv_configs(_GEMV_SHAPES, interpreter_block_k=16),
     key=["N", "K", "BLOCK_SIZE", "BLOCK_M"],
-    prune_configs_by={"early_config_prune": _prune_gemv},
+    prune_configs_by={"early_config_prune": wmm.prune_gemv("BLOCK_SIZE")},
 )
 @triton.jit
 def _nf4_gemv_kernel(
@@ -214,45 +186,15 @@ def _nf4_gemv_kernel(
         part = tl.sum(w[:, :, None] * xt[None, :, :], axis=1)  # [BLOCK_N, BLOCK_M]
         s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
         acc += part * s[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_n[:, None] & mask_m[None, :],
-    )
-
-
-def _gemm_configs() -> list[triton.Config]:
-    """Autotune candidates for Hopper; the interpreter gets one small config (as in _gemv_configs)."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 16}, num_warps=4)]
-    # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): ptxas compiles these for sm_90 without
-    # spills in bf16 and fp32 (.scratch cross-compile); not yet timed on a GPU.
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4), (64, 64, 16, 4, 4),
-    ]  # fmt: skip
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for n, m, k, w, st in shapes
-    ]
-
-
-def _prune_gemm(configs, named_args, **kwargs):
-    """``BLOCK_K`` must divide the block; fp32 takes small tiles; skip token tiles far larger than the problem."""
-    block, m = kwargs["BLOCK_SIZE"], named_args["M"]
-    ok = [c for c in configs if block % c.kwargs["BLOCK_K"] == 0]
-    if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
-        ok = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32] or ok
-    small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
-    return small or ok
+    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    # The shared tiles plus 64 x 64 x 16 (block_size 16); ptxas compiles these for sm_90 without
+    # spills in bf16 and fp32 (.scratch cross-compile).
+    configs=wmm.gemm_configs([*wmm.GEMM_SHAPES, (64, 64, 16, 4, 4)], interpreter_block_k=16),
     key=["M", "N", "K", "BLOCK_SIZE", "DOT_FP32"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
+    prune_configs_by={"early_config_prune": wmm.prune_gemm("BLOCK_SIZE")},
 )
 @triton.jit
 def _nf4_gemm_kernel(
@@ -284,13 +226,7 @@ def _nf4_gemm_kernel(
             acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
         else:  # W rounded to x's 16-bit dtype, as a dense 16-bit layer holds it
             acc = tl.dot(w.to(xt.dtype), xt, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_n[:, None] & mask_m[None, :],
-    )
+    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
@@ -298,28 +234,11 @@ def _nf4_gemm_kernel(
 @triton_op("quantframe::nf4_mm", mutates_args=())
 def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None) -> Tensor:
     """2-D ``x [M, K]``, fp32 ``scale [N, K // block_size]`` and ``levels [16]``; checked by :func:`nf4_mm_triton`."""
-    m, k = x.shape
+    strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    args = (
-        x, codes, scale, levels, bias if bias is not None else scale, y,  # scale: dummy pointer without bias
-        m, n, k,
-        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1),
-        y.stride(0), y.stride(1),
-    )  # fmt: skip
-    common = {"BLOCK_SIZE": block_size, "HAS_BIAS": bias is not None}
-    if m <= GEMV_MAX_ROWS:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        wrap_triton(_nf4_gemv_kernel)[grid](*args, **common, BLOCK_M=triton.next_power_of_2(m))
-    else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-        dot_fp32 = x.dtype == torch.float32 or _interpreted()
-        wrap_triton(_nf4_gemm_kernel)[grid](*args, **common, DOT_FP32=dot_fp32)
-    return y
+    return wmm.launch(
+        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, BLOCK_SIZE=block_size
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,8 +261,8 @@ _nf4_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _kernel_problem(x: Tensor, block_size: int) -> Exception | None:
     """Why the Triton kernels cannot take these (otherwise valid) arguments; None when they can."""
-    if x.dtype not in _FLOAT_DTYPES:
-        return TypeError(f"nf4_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    if (problem := wmm.x_dtype_problem(x, "nf4_mm_triton")) is not None:
+        return problem
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         return ValueError(f"nf4_mm_triton: block_size={block_size} must be a power of two >= 16")
     if x.shape[-1] % block_size:

@@ -1,0 +1,158 @@
+"""What the quantized-weight matmul families (``affine_mm``, ``nf4_mm``) share.
+
+Both compute ``y [M, N] = x [M, K] @ W.T (+ bias)`` with a GEMV kernel for ``M <= GEMV_MAX_ROWS``
+(grid over ``BLOCK_N``) and a GEMM kernel above (grid over ``BLOCK_N`` x ``BLOCK_M``), a
+``[BLOCK_N, BLOCK_M]`` fp32 accumulator and the same kernel argument layout:
+``x, <three weight tensors>, bias, y, M, N, K, stride_xm, stride_xk, <weight strides>, stride_ym,
+stride_yn``. Only the weight decoding differs; it stays in each family's module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+
+# (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90
+# without spills in bf16 for both families (larger tiles spill); not yet timed on a GPU.
+GEMM_SHAPES = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+]  # fmt: skip
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- autotune configs --------------------------------------------------------------------------
+def gemv_configs(shapes: Sequence[tuple[int, int]], interpreter_block_k: int) -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K) ``shapes`` at 4 warps; the interpreter gets one small config
+    (``BLOCK_N`` 16, ``interpreter_block_k``): the autotuner times any list longer than one."""
+    if interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": interpreter_block_k}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+
+
+def gemm_configs(shapes: Sequence[tuple[int, int, int, int, int]], interpreter_block_k: int) -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) ``shapes`` for Hopper; the interpreter
+    gets one small config (32 x 32 x ``interpreter_block_k``, as in :func:`gemv_configs`)."""
+    if interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": interpreter_block_k}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, m, k, w, st in shapes
+    ]
+
+
+def prune_gemv(group_key: str) -> Callable:
+    """Early prune for a GEMV kernel whose constexpr ``group_key`` is the elements per scale (0: one
+    group per row): ``BLOCK_K`` must divide the group; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product
+    must fit in registers (<= 64 fp32 values a thread at 4 warps: ptxas on sm_90 spills above)."""
+
+    def prune(configs, named_args, **kwargs):
+        group, block_m = kwargs[group_key], kwargs["BLOCK_M"]
+        ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+        fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
+        return fit or ok[:1]
+
+    return prune
+
+
+def prune_gemm(group_key: str) -> Callable:
+    """Early prune for a GEMM kernel (``group_key`` as in :func:`prune_gemv`): ``BLOCK_K`` must
+    divide the group; fp32 takes small tiles; skip token tiles far larger than the problem."""
+
+    def prune(configs, named_args, **kwargs):
+        group, m = kwargs[group_key], named_args["M"]
+        ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+        if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
+            fp32 = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32]
+            ok = fp32 or ok
+        small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
+        return small or ok
+
+    return prune
+
+
+# ---- kernel epilogue ---------------------------------------------------------------------------
+@triton.jit
+def bias_and_store(
+    acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS: tl.constexpr
+):  # fmt: skip
+    """Add ``bias[offs_n]`` (when ``HAS_BIAS``) to the fp32 ``[BLOCK_N, BLOCK_M]`` accumulator and
+    store it, cast to y's dtype, at ``y[offs_m, offs_n]`` (masked)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+# ---- host side ---------------------------------------------------------------------------------
+def check_bias_and_devices(who: str, n: int, bias: Tensor | None, tensors: dict[str, Tensor | None]) -> None:
+    """Raise TypeError / ValueError for a bias that is not float ``[n]``, or ``tensors`` (name ->
+    tensor or None; the last is the bias) on more than one device."""
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"{who}: bias.dtype={bias.dtype}, expected a float dtype")
+        if bias.shape != (n,):
+            raise ValueError(f"{who}: bias.shape={tuple(bias.shape)}, expected ({n},)")
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        got = sorted(map(str, devices))
+        names = list(tensors)
+        raise ValueError(f"{who}: {', '.join(names[:-1])} and {names[-1]} must share a device, got {got}")
+
+
+def x_dtype_problem(x: Tensor, who: str) -> TypeError | None:
+    """The kernels' x dtypes: fp32, fp16, bf16."""
+    if x.dtype not in FLOAT_DTYPES:
+        return TypeError(f"{who}: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    return None
+
+
+def launch(
+    gemv_kernel,
+    gemm_kernel,
+    x: Tensor,
+    weights: tuple[Tensor, Tensor, Tensor],
+    weight_strides: tuple[int, ...],
+    bias: Tensor | None,
+    n: int,
+    **constexprs,
+) -> Tensor:
+    """``y [M, N]`` in x's dtype for 2-D ``x [M, K]``: empty / zero-K cases on the host, else the
+    GEMV kernel for ``M <= GEMV_MAX_ROWS`` (``BLOCK_M`` = next power of two >= M), the GEMM kernel
+    above (``DOT_FP32`` for fp32 x or the interpreter). ``weights[1]`` (the scale) doubles as the
+    bias pointer when there is no bias."""
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    args = (
+        x, *weights, bias if bias is not None else weights[1], y,
+        m, n, k,
+        x.stride(0), x.stride(1), *weight_strides, y.stride(0), y.stride(1),
+    )  # fmt: skip
+    constexprs["HAS_BIAS"] = bias is not None
+    if m <= GEMV_MAX_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+        wrap_triton(gemv_kernel)[grid](*args, **constexprs, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+        dot_fp32 = x.dtype == torch.float32 or interpreted()
+        wrap_triton(gemm_kernel)[grid](*args, **constexprs, DOT_FP32=dot_fp32)
+    return y
