@@ -46,13 +46,17 @@ from quantframe.tensor import (
     REQUANTIZING_INPLACE_OPS,
     QuantTensor,
     check_weight,
+    FLOAT_MASTER_COLLECTIVE_OPS,
+    float_master_collective_op,
     float_master_copy_op,
+    float_master_fsdp_post_all_gather,
+    float_master_fsdp_pre_all_gather,
     float_master_inplace_op,
     float_master_math_op,
+    float_master_new_zeros_op,
 )
 
 aten = torch.ops.aten
-c10d = torch.ops._c10d_functional
 
 __all__ = [
     "Int8MixedPrecisionTrainingConfig",
@@ -157,23 +161,9 @@ class Int8MixedPrecisionLinearWeight(QuantTensor):
         self.float_data.copy_(value)
         return self
 
-    # FSDP2 extension: all-gather the float weight, cast to the mixed-precision param dtype first.
-    #   fully_shard: weight --split/narrow/new_zeros (dim 0)--> local shard (this class)
-    #   forward:     pre_all_gather -> float_data.to(param_dtype) [padded] --all-gather--> post -> full weight
-    def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
-        param_dtype = getattr(mp_policy, "param_dtype", None) or self.float_data.dtype
-        data = self.float_data.to(param_dtype)
-        if outer_size is not None:  # uneven rows: FSDP2 wants every rank's input at the padded size
-            padded_rows = -(-outer_size[0] // mesh.size())
-            if data.shape[0] < padded_rows:
-                data = torch.cat([data, data.new_zeros(padded_rows - data.shape[0], *data.shape[1:])])
-        return (data,), None
-
-    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        (data,) = outputs
-        if out is not None:  # later steps: FSDP2 refilled the storage `out` already views
-            return None
-        return type(self)(data, *_flags(self), dtype=param_dtype), (data,)
+    # FSDP2: all-gather the float weight, cast to the mixed-precision param dtype first.
+    fsdp_pre_all_gather = float_master_fsdp_pre_all_gather
+    fsdp_post_all_gather = float_master_fsdp_post_all_gather
 
 
 # ---- the INT8-weight tensor ------------------------------------------------------------------
@@ -364,11 +354,7 @@ def _cat(func, types, args, kwargs):
     return Int8MixedPrecisionLinearWeight(data, *_flags(tensors[0]), dtype=tensors[0].dtype)
 
 
-@Int8MixedPrecisionLinearWeight.implements([aten.new_zeros.default])
-def _new_zeros(func, types, args, kwargs):
-    w = args[0]
-    data = torch.zeros(args[1], dtype=w.float_data.dtype, device=kwargs.get("device") or w.device)
-    return Int8MixedPrecisionLinearWeight(data, *_flags(w), dtype=kwargs.get("dtype") or w.dtype)
+Int8MixedPrecisionLinearWeight.implements([aten.new_zeros.default])(float_master_new_zeros_op)
 
 
 # Optimizer math and copies act on the float master weight itself (quantframe.tensor).
@@ -377,24 +363,8 @@ Int8MixedPrecisionLinearWeight.implements(DEQUANTIZING_OPS)(float_master_math_op
 Int8MixedPrecisionLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)(float_master_inplace_op)
 
 
-# ---- collectives (DTensor.full_tensor) --------------------------------------------------------
-@Int8MixedPrecisionLinearWeight.implements([c10d.all_gather_into_tensor.default])
-def _all_gather(func, types, args, kwargs):
-    # Wait here: the wrapper handed back is not an AsyncCollectiveTensor.
-    w = args[0]
-    data = c10d.wait_tensor(func(w.float_data.contiguous(), *args[1:], **kwargs))
-    return Int8MixedPrecisionLinearWeight(data.view(-1, *w.shape[1:]), *_flags(w), dtype=w.dtype)
-
-
-@Int8MixedPrecisionLinearWeight.implements([c10d.wait_tensor.default])
-def _wait(func, types, args, kwargs):
-    w = args[0]
-    return Int8MixedPrecisionLinearWeight(func(w.float_data), *_flags(w), dtype=w.dtype)
-
-
-@Int8MixedPrecisionLinearWeight.implements([c10d._wrap_tensor_autograd.default])
-def _wrap_autograd(func, types, args, kwargs):
-    return args[0]
+# ---- collectives (DTensor.full_tensor): gather the float data, keep the class ----------------
+Int8MixedPrecisionLinearWeight.implements(FLOAT_MASTER_COLLECTIVE_OPS)(float_master_collective_op)
 
 
 # ---- quantize_ handler and safe loading -------------------------------------------------------

@@ -53,6 +53,11 @@ __all__ = [
     "float_master_math_op",
     "float_master_inplace_op",
     "float_master_copy_op",
+    "float_master_new_zeros_op",
+    "FLOAT_MASTER_COLLECTIVE_OPS",
+    "float_master_collective_op",
+    "float_master_fsdp_pre_all_gather",
+    "float_master_fsdp_post_all_gather",
 ]
 
 
@@ -492,3 +497,55 @@ def float_master_copy_op(func, types, args, kwargs):
     else:
         dst.copy_(_float_data(src))
     return dst
+
+
+def float_master_new_zeros_op(func, types, args, kwargs):
+    """Handler for ``new_zeros`` (FSDP2 builds each rank's padded shard with it): zero float data."""
+    w = args[0]
+    data = torch.zeros(args[1], dtype=w.float_data.dtype, device=kwargs.get("device") or w.device)
+    return w._rebuild(float_data=data, shape=data.shape, dtype=kwargs.get("dtype") or w.dtype)
+
+
+if torch.distributed.is_available():
+    _c10d = torch.ops._c10d_functional
+    FLOAT_MASTER_COLLECTIVE_OPS = [
+        _c10d.all_gather_into_tensor.default,
+        _c10d.wait_tensor.default,
+        _c10d._wrap_tensor_autograd.default,
+    ]
+else:  # pragma: no cover - torch builds without distributed
+    FLOAT_MASTER_COLLECTIVE_OPS = []
+
+
+def float_master_collective_op(func, types, args, kwargs):
+    """Handler for the functional collectives ``DTensor.full_tensor`` sends: gather the float data,
+    keep the class. The all-gather waits here: the wrapper handed back is not an AsyncCollectiveTensor."""
+    w = args[0]
+    if func is _c10d._wrap_tensor_autograd.default:
+        return w
+    if func is _c10d.wait_tensor.default:
+        return w._rebuild(float_data=func(w.float_data))
+    data = _c10d.wait_tensor(func(w.float_data.contiguous(), *args[1:], **kwargs)).view(-1, *w.shape[1:])
+    return w._rebuild(float_data=data, shape=data.shape)
+
+
+# FSDP2 extension for a float master weight: all-gather the float data cast to the mixed-precision
+# param dtype, rebuild the full weight of the same class.
+#   fully_shard: weight --split/narrow/new_zeros/view (dim 0)--> local shard (the class)
+#   forward:     pre_all_gather -> float_data.to(param_dtype) [padded] --all-gather--> post
+#                -> full weight (the class) --as_strided (drops the padding)--> F.linear
+def float_master_fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
+    param_dtype = getattr(mp_policy, "param_dtype", None) or self.float_data.dtype
+    data = self.float_data.to(param_dtype)
+    if outer_size is not None:  # uneven rows: FSDP2 wants every rank's input at the padded size
+        padded_rows = -(-outer_size[0] // mesh.size())
+        if data.shape[0] < padded_rows:
+            data = torch.cat([data, data.new_zeros(padded_rows - data.shape[0], *data.shape[1:])])
+    return (data,), None
+
+
+def float_master_fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+    (data,) = outputs
+    if out is not None:  # later steps: FSDP2 refilled the storage `out` already views
+        return None
+    return self._rebuild(float_data=data, shape=data.shape, dtype=param_dtype), (data,)

@@ -44,9 +44,14 @@ from quantframe.tensor import (
     WINDOW_OPS,
     QuantTensor,
     check_weight,
+    FLOAT_MASTER_COLLECTIVE_OPS,
+    float_master_collective_op,
     float_master_copy_op,
+    float_master_fsdp_post_all_gather,
+    float_master_fsdp_pre_all_gather,
     float_master_inplace_op,
     float_master_math_op,
+    float_master_new_zeros_op,
     same_layout_copy,
     dequantizing_op,
     window_op,
@@ -202,6 +207,11 @@ class BitNetTrainingLinearWeight(QuantTensor):
         data = self.float_data.view(-1)[start : start + length].view(shape)
         return self._rebuild(float_data=data, shape=data.shape)
 
+    # FSDP2: all-gather the float master weight (cast to the mixed-precision param dtype), so the
+    # forward quantizes the whole weight: one absmean scale, the single-process codes.
+    fsdp_pre_all_gather = float_master_fsdp_pre_all_gather
+    fsdp_post_all_gather = float_master_fsdp_post_all_gather
+
 
 class _BitNetLinear(torch.autograd.Function):
     """y = xq @ Wq.T + b; backward by the straight-through estimator."""
@@ -253,6 +263,11 @@ BitNetTrainingLinearWeight.implements(DEQUANTIZING_OPS)(float_master_math_op)
 BitNetTrainingLinearWeight.implements(REQUANTIZING_INPLACE_OPS + FOREACH_OPS)(float_master_inplace_op)
 BitNetTrainingLinearWeight.implements([aten.copy_.default])(float_master_copy_op)
 BitNetTrainingLinearWeight.implements(WINDOW_OPS)(window_op)
+
+
+BitNetTrainingLinearWeight.implements([aten.new_zeros.default])(float_master_new_zeros_op)
+# Collectives (DTensor.full_tensor): gather the float data, keep the class.
+BitNetTrainingLinearWeight.implements(FLOAT_MASTER_COLLECTIVE_OPS)(float_master_collective_op)
 
 
 # ---- packed inference weight --------------------------------------------------------------------

@@ -163,3 +163,32 @@ def run_distributed(
         name: [torch.load(Path(out_dir) / f"{name}-rank{r}.pt", weights_only=True) for r in range(world)]
         for name in scenarios
     }
+
+
+# ---- the small model of the FSDP2 tests ---------------------------------------------------------
+FSDP_MLP_LINEARS = (0, 2, 4)  # the Linears' indices in fsdp_mlp's nn.Sequential
+
+
+def fsdp_mlp(config, out_features: int = 8, shard: bool = False, seed: int = 0, **fsdp_kwargs):
+    """``Linear(16, 32) ReLU Linear(32, 16) ReLU Linear(16, out)`` seeded with ``seed``, quantized with
+    ``config``; with ``shard`` each Linear and then the whole model is ``fully_shard``-ed."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from quantframe.api import quantize_
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, out_features))
+    quantize_(model, config)
+    if shard:
+        for i in FSDP_MLP_LINEARS:
+            fully_shard(model[i], **fsdp_kwargs)
+        fully_shard(model, **fsdp_kwargs)
+    return model
+
+
+def fsdp_batch_halves(world: int, out_features: int = 8) -> list[tuple[Tensor, Tensor]]:
+    """The fixed batch x [16, 16] -> y [16, out] of the FSDP2 tests, as ``world`` ranks' shares."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 16, generator=g), torch.randn(16, out_features, generator=g)
+    return list(zip(x.chunk(world), y.chunk(world)))

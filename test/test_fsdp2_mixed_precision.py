@@ -12,41 +12,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from quantframe import quantize_
 from quantframe.int8_mixed_precision import (
     Int8MixedPrecisionLinearWeight,
     Int8MixedPrecisionQTLinearWeight,
     int8_mixed_precision_training,
 )
 from quantframe.optim import AdamW
-from quantframe.testing import run_distributed
+from quantframe.testing import FSDP_MLP_LINEARS, fsdp_batch_halves, fsdp_mlp, run_distributed
 
 WORLD = 2
 STEPS = 5
 LR = 2e-2
-LINEARS = (0, 2, 4)  # the Linears' indices in the nn.Sequential
+LINEARS = FSDP_MLP_LINEARS  # the Linears' indices in the nn.Sequential
 CLASSES = {False: Int8MixedPrecisionLinearWeight, True: Int8MixedPrecisionQTLinearWeight}
 
 
 def _mlp(int8_weights: bool, out_features: int = 8, shard: bool = False, **fsdp_kwargs) -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, out_features))
-    quantize_(model, int8_mixed_precision_training(int8_weights=int8_weights))
-    if shard:
-        for i in LINEARS:
-            fully_shard(model[i], **fsdp_kwargs)
-        fully_shard(model, **fsdp_kwargs)
-    return model
+    return fsdp_mlp(int8_mixed_precision_training(int8_weights=int8_weights), out_features, shard, 0, **fsdp_kwargs)
 
 
 def _halves(out_features: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed batch x [16, 16] -> y [16, out], as the ranks' two halves."""
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 16, generator=g), torch.randn(16, out_features, generator=g)
-    return list(zip(x.chunk(WORLD), y.chunk(WORLD)))
+    return fsdp_batch_halves(WORLD, out_features)
 
 
 def _train(model: nn.Module, steps: int = STEPS, out_features: int = 8) -> tuple[list[float], list[torch.Tensor]]:

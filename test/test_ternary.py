@@ -255,6 +255,9 @@ def test_repr_snapshots():
 
 def test_op_table_snapshots():
     assert_expected_inline("\n".join(BitNetTrainingLinearWeight.supported_ops()), """\
+_c10d_functional._wrap_tensor_autograd.default
+_c10d_functional.all_gather_into_tensor.default
+_c10d_functional.wait_tensor.default
 aten._foreach_add.List
 aten._foreach_add.Scalar
 aten._foreach_add_.List
@@ -311,6 +314,7 @@ aten.mul.Tensor
 aten.mul_.Scalar
 aten.mul_.Tensor
 aten.neg.default
+aten.new_zeros.default
 aten.ones_like.default
 aten.reshape.default
 aten.sign.default
