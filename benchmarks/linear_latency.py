@@ -295,20 +295,27 @@ def _cell(v: float | None, width: int = 9) -> str:
     return f"{'-':>{width}s}" if v is None else f"{v:{width}.1f}"
 
 
-def print_table(n: int, k: int, results: list[dict], bandwidth: float | None) -> None:
+def nominal_weight_bytes(fmt: str, n: int, k: int) -> float:
+    """An [n, k] weight's bytes at its format's nominal bits per weight (``FORMATS``)."""
+    return n * k * FORMATS[fmt][0] / 8
+
+
+def print_table(n: int, k: int, results: list[dict], bandwidth: float | None, weight_bytes=nominal_weight_bytes,
+                width: int = 44) -> None:  # fmt: skip
+    """One shape's rows; ``weight_bytes(format, n, k)`` gives each row's bandwidth floor."""
     print(f"\nx[M, {k}] @ W[{n}, {k}].T, bf16" + (f" | copy {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
-    print(f"{'M':>5s}  {'run':44s} {'rel err':>8s} {'check':>5s} {'eager µs':>9s} {'graph µs':>9s} "
+    print(f"{'M':>5s}  {'run':{width}s} {'rel err':>8s} {'check':>5s} {'eager µs':>9s} {'graph µs':>9s} "
           f"{'floor µs':>9s} {'vs bf16':>8s}")  # fmt: skip
     notes = []
     for r in sorted(results, key=lambda r: r["m"]):  # stable: row order kept within each M
         if "error" in r:
-            print(f"{r['m']:5d}  {r['run']:44s} n/a  ({r['error']})")
+            print(f"{r['m']:5d}  {r['run']:{width}s} n/a  ({r['error']})")
             continue
-        floor = n * k * FORMATS[r["format"]][0] / 8 / bandwidth * 1e6 if bandwidth else None
+        floor = weight_bytes(r["format"], n, k) / bandwidth * 1e6 if bandwidth else None
         graph = "n/a" if "graph_note" in r else _cell(r.get("graph_us"))
         if "graph_note" in r:
             notes.append(f"M={r['m']} {r['run']}: graph {r['graph_note']}")
-        print(f"{r['m']:5d}  {r['run']:44s} {r['rel_err']:8.4f} {'ok' if r['check_ok'] else 'FAIL':>5s} "
+        print(f"{r['m']:5d}  {r['run']:{width}s} {r['rel_err']:8.4f} {'ok' if r['check_ok'] else 'FAIL':>5s} "
               f"{_cell(r.get('eager_us'))} {graph:>9s} {_cell(floor)} {_speedup(r, results):>8s}")  # fmt: skip
     for note in notes:
         print(f"  note: {note}")

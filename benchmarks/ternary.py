@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 # isort: split
 # sibling scripts (`python benchmarks/ternary.py` puts benchmarks/ on sys.path)
-from linear_latency import Timer, copy_bandwidth
+from linear_latency import Timer, copy_bandwidth, print_table
 from train_step import _step_fn, bf16, run_row
 
 N, K = 14336, 4096  # W [N, K], nn.Linear layout
@@ -192,39 +192,11 @@ def latency_rows(n: int, k: int, ms: list[int], rows: dict[str, Row], device: st
     return results
 
 
-def _cell(v: float | None, width: int = 9) -> str:
-    return f"{'-':>{width}s}" if v is None else f"{v:{width}.1f}"
-
-
-def _speedup(r: dict, results: list[dict]) -> str:
-    """bf16 time / this row's time at the same M: graph vs graph where both have one, else eager."""
-    ref = next((b for b in results if b["run"] == "bf16 F.linear" and b["m"] == r["m"] and "error" not in b), None)
-    if ref is None or "eager_us" not in r:
-        return ""
-    key = "graph_us" if "graph_us" in r and "graph_us" in ref else "eager_us"
-    return f"{ref[key] / r[key]:.2f}x"
-
-
 def print_latency(n: int, k: int, results: list[dict], bandwidth: float | None) -> None:
-    print(f"\nx[M, {k}] @ W[{n}, {k}].T, bf16" + (f" | copy {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
     if bandwidth:
-        print(f"bandwidth floor: bf16 {weight_bytes('bf16', n, k) / bandwidth * 1e6:.1f} µs, "
+        print(f"\nbandwidth floor: bf16 {weight_bytes('bf16', n, k) / bandwidth * 1e6:.1f} µs, "
               f"2-bit packed {weight_bytes('ternary', n, k) / bandwidth * 1e6:.1f} µs")  # fmt: skip
-    print(f"{'M':>5s}  {'run':48s} {'rel err':>8s} {'check':>5s} {'eager µs':>9s} {'graph µs':>9s} "
-          f"{'floor µs':>9s} {'vs bf16':>8s}")  # fmt: skip
-    notes = []
-    for r in sorted(results, key=lambda r: r["m"]):  # stable: row order kept within each M
-        if "error" in r:
-            print(f"{r['m']:5d}  {r['run']:48s} n/a  ({r['error']})")
-            continue
-        floor = weight_bytes(r["format"], n, k) / bandwidth * 1e6 if bandwidth else None
-        graph = "n/a" if "graph_note" in r else _cell(r.get("graph_us"))
-        if "graph_note" in r:
-            notes.append(f"M={r['m']} {r['run']}: graph {r['graph_note']}")
-        print(f"{r['m']:5d}  {r['run']:48s} {r['rel_err']:8.4f} {'ok' if r['check_ok'] else 'FAIL':>5s} "
-              f"{_cell(r.get('eager_us'))} {graph:>9s} {_cell(floor)} {_speedup(r, results):>8s}")  # fmt: skip
-    for note in notes:
-        print(f"  note: {note}")
+    print_table(n, k, results, bandwidth, weight_bytes=weight_bytes, width=48)
 
 
 # ---- 2. training-step rows: setup(model) -> step function, as train_step.ROWS ----------------------

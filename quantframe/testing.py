@@ -192,3 +192,31 @@ def fsdp_batch_halves(world: int, out_features: int = 8) -> list[tuple[Tensor, T
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 16, generator=g), torch.randn(16, out_features, generator=g)
     return list(zip(x.chunk(world), y.chunk(world)))
+
+
+def rank_share(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """This rank's equal share of each tensor along dim 0; the whole tensors outside torch.distributed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return tensors
+    return tuple(t.chunk(dist.get_world_size())[dist.get_rank()] for t in tensors)
+
+
+def train_mse(model, opt, x: Tensor, y: Tensor, steps: int) -> list[float]:
+    """``steps`` MSE steps on ``(x, y)``; under torch.distributed each logged loss is the mean over the
+    ranks' equal shares, i.e. the full-batch loss of the one-process run."""
+    import torch.distributed as dist
+
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loss = loss.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        losses.append(loss.item())
+    return losses

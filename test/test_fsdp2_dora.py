@@ -10,14 +10,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from quantframe.nf4 import NF4Tensor, nf4_weight_only
 from quantframe.nn.dora import DoRALinear, apply_adapters_, dora, lora
-from quantframe.testing import run_distributed
+from quantframe.testing import rank_share, run_distributed, train_mse
 
 WORLD = 2
 STEPS = 4
@@ -48,27 +46,11 @@ def _model(use_dora: bool = True, seed: int = 0, shard: bool = False) -> nn.Sequ
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g)
-    if dist.is_initialized():
-        return x.chunk(WORLD)[dist.get_rank()], y.chunk(WORLD)[dist.get_rank()]
-    return x, y
+    return rank_share(torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g))
 
 
 def _train(model: nn.Module, steps: int = STEPS) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=False)
-    x, y = _batch()
-    losses = []
-    for _ in range(steps):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        loss = loss.detach().clone()
-        if dist.is_initialized():  # the full-batch loss: mean of the equal halves
-            dist.all_reduce(loss)
-            loss /= WORLD
-        losses.append(loss.item())
-    return losses
+    return train_mse(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=False), *_batch(), steps)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

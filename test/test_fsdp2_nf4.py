@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from quantframe.api import quantize_
 from quantframe.nf4 import NF4Tensor, nf4_weight_only
-from quantframe.testing import run_distributed
+from quantframe.testing import rank_share, run_distributed, train_mse
 
 WORLD = 2
 STEPS = 4
@@ -45,10 +44,7 @@ def _model(seed: int = 0, shard: bool = False, **fsdp_kwargs) -> nn.Sequential:
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g)
-    if dist.is_initialized():
-        return x.chunk(WORLD)[dist.get_rank()], y.chunk(WORLD)[dist.get_rank()]
-    return x, y
+    return rank_share(torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g))
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -56,20 +52,7 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _train(model: nn.Module, steps: int = STEPS) -> list[float]:
-    opt = _optimizer(model)
-    x, y = _batch()
-    losses = []
-    for _ in range(steps):
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        loss = loss.detach().clone()
-        if dist.is_initialized():  # the full-batch loss: mean of the equal halves
-            dist.all_reduce(loss)
-            loss /= WORLD
-        losses.append(loss.item())
-    return losses
+    return train_mse(model, _optimizer(model), *_batch(), steps)
 
 
 # ---- scenarios: run in each rank ----------------------------------------------------------------
