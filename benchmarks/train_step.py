@@ -32,21 +32,22 @@ DIM, HIDDEN, BLOCKS, BATCH, SEQ = 2048, 5632, 8, 4, 2048
 
 
 class MLPBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, dim: int = DIM, hidden: int = HIDDEN):
         super().__init__()
-        self.norm = nn.RMSNorm(DIM)
-        self.gate = nn.Linear(DIM, HIDDEN, bias=False)
-        self.up = nn.Linear(DIM, HIDDEN, bias=False)
-        self.down = nn.Linear(HIDDEN, DIM, bias=False)
+        self.norm = nn.RMSNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):  # x: [B, T, D]
         h = self.norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
-def anchor_model() -> nn.Module:
+def anchor_model(device="cuda", dim: int = DIM, hidden: int = HIDDEN, blocks: int = BLOCKS) -> nn.Module:
+    """The anchor model (smaller with other sizes), seed 0, bf16."""
     torch.manual_seed(0)
-    return nn.Sequential(*[MLPBlock() for _ in range(BLOCKS)]).cuda().bfloat16()
+    return nn.Sequential(*[MLPBlock(dim, hidden) for _ in range(blocks)]).to(device, torch.bfloat16)
 
 
 # ---- the rows: name -> setup(model) returning (step function, optimizer) ---------------------

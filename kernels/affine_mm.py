@@ -25,6 +25,7 @@ from torch.library import triton_op
 from quantframe import primitives as P
 
 from . import _weight_mm as wmm
+from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
 __all__ = ["affine_mm", "affine_mm_reference", "affine_mm_triton"]
@@ -136,14 +137,15 @@ def _codes_minus_zero(
             other=0,
         ).to(tl.int32)  # int8 sign-extends, uint8 zero-extends
     else:
-        # Two codes per byte, element 2i in the low nibble: split, then interleave back along K.
-        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+        # Two codes per byte, element 2i in the low nibble: lanes 2i and 2i + 1 read the same byte
+        # (one transaction) and shift out their nibble.
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         p = tl.load(
-            q_ptr + offs_n[:, None] * stride_qn + rb[None, :] * stride_qk,
-            mask=mask_n[:, None] & (rb < K // 2)[None, :],
+            q_ptr + offs_n[:, None] * stride_qn + (rk // 2)[None, :] * stride_qk,
+            mask=mask_n[:, None] & (rk < K)[None, :],
             other=0,
         ).to(tl.int32)
-        q = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K))
+        q = (p >> ((rk % 2) * 4).to(tl.int32)[None, :]) & 15
     z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
     return q - z[:, None]
 
@@ -193,7 +195,7 @@ def _affine_gemv_kernel(
             acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
     if GROUP_SIZE == 0:  # per row: one multiply per output, not per weight
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
-    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.autotune(
@@ -244,7 +246,7 @@ def _affine_gemm_kernel(
             acc = tl.dot(wt.to(xt.dtype), xt, acc)
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
-    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under

@@ -83,6 +83,7 @@ def _dora_column_norm_kernel(
     # B's rows stay in registers for the whole K loop: [BLOCK_N, BLOCK_R], zero-padded past R
     b = tl.load(b_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & (ranks[None, :] < R), other=0.0)
     b = b.to(tl.float32)
+    s = tl.cast(scaling, tl.float32)  # torch.compile passes Python floats to the kernel as fp64
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
@@ -91,7 +92,7 @@ def _dora_column_norm_kernel(
         # ieee: tf32 would cost ~3 decimal digits of the norm; the GEMM is tiny (K = r) anyway
         ba = tl.dot(b, a.to(tl.float32), input_precision="ieee")  # [BLOCK_N, BLOCK_K], never stored
         w = tl.load(w_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        v = w.to(tl.float32) + scaling * ba
+        v = w.to(tl.float32) + s * ba
         sq += tl.sum(v * v, axis=1)
     norm = tl.sqrt(sq)
     m = tl.load(m_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)

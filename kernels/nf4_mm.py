@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import _weight_mm as wmm
+from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
 __all__ = ["nf4_mm", "nf4_mm_grad_input", "nf4_mm_reference", "nf4_mm_triton"]
@@ -143,11 +144,11 @@ def _nf4_levels_tile(
 ):  # fmt: skip
     """fp32 ``levels[code]`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (unscaled;
     masked rows read code 0 and must meet a zero scale or a masked store)."""
-    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
-    p = tl.load(c_ptr + offs_n[:, None] * stride_cn + rb[None, :] * stride_ck, mask=mask_n[:, None], other=0)
+    rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    p = tl.load(c_ptr + offs_n[:, None] * stride_cn + (rk // 2)[None, :] * stride_ck, mask=mask_n[:, None], other=0)
     p = p.to(tl.int32)
-    # Element 2j is the high nibble: join along a new last dim, then flatten it back into K.
-    q = tl.reshape(tl.join(p >> 4, p & 15), (BLOCK_N, BLOCK_K))
+    # Element 2j is the high nibble: lanes 2j and 2j + 1 read the same byte and shift out their own.
+    q = (p >> (4 - (rk % 2) * 4).to(tl.int32)[None, :]) & 15
     return tl.load(lv_ptr + q)  # gather from the 16-entry table (one cache line)
 
 
@@ -186,7 +187,7 @@ def _nf4_gemv_kernel(
         part = tl.sum(w[:, :, None] * xt[None, :, :], axis=1)  # [BLOCK_N, BLOCK_M]
         s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
         acc += part * s[:, None]
-    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.autotune(
@@ -226,7 +227,7 @@ def _nf4_gemm_kernel(
             acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
         else:  # W rounded to x's 16-bit dtype, as a dense 16-bit layer holds it
             acc = tl.dot(w.to(xt.dtype), xt, acc)
-    wmm.bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under

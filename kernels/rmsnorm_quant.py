@@ -121,7 +121,7 @@ def _rmsnorm_quant_fwd_kernel(
         hs = _as_stored(h + tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32), h_ptr)
         tl.store(h_ptr + row * stride_hm + cols, hs, mask=mask)
         h = hs.to(tl.float32)  # normalize what is stored, so the backward's recompute matches
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + eps)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + tl.cast(eps, tl.float32))  # torch.compile passes floats as fp64
     n = h * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(n), axis=0), 1e-5), 127.0)
@@ -145,7 +145,7 @@ def _rmsnorm_quant_bwd_kernel(
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for row in range(pid, M, tl.num_programs(0)):
         h = tl.load(h_ptr + row * stride_hm + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + eps)  # recomputed, as in the forward
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + tl.cast(eps, tl.float32))  # recomputed, as in the forward
         xhat = h * rstd
         g = tl.load(gy_ptr + row * stride_gym + cols, mask=mask, other=0.0).to(tl.float32)  # STE: dn = dy
         u = g * w

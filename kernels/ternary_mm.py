@@ -85,12 +85,11 @@ def ternary_mm_reference(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor 
 @triton.jit
 def _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int8 ternary ``[BLOCK_N, BLOCK_K]`` tile at column ``k0`` (a multiple of 4); 0 past K."""
-    rb = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    rb = rk // 4  # four lanes read the same byte (one transaction) and shift out their 2 bits
     p = tl.load(p_ptr + offs_n[:, None] * stride_pn + rb[None, :], mask=mask_n[:, None] & (rb < KB)[None, :], other=85)
     p = p.to(tl.int32)  # 85 = 0b01010101: four codes 1 (ternary 0) in masked bytes
-    c0, c1, c2, c3 = (p & 3) - 1, ((p >> 2) & 3) - 1, ((p >> 4) & 3) - 1, ((p >> 6) & 3) - 1
-    # join(join(c0, c2), join(c1, c3))[..., i, t] is code 2 * i + t: byte order along K.
-    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_N, BLOCK_K)).to(tl.int8)
+    return (((p >> ((rk % 4) * 2)[None, :]) & 3) - 1).to(tl.int8)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from quantframe.tensor import QuantTensor
 
-__all__ = ["QuantTensorContract", "run_distributed", "sqnr"]
+__all__ = ["QuantTensorContract", "assert_close_at_scale", "run_distributed", "sqnr"]
 
 
 def sqnr(ref: Tensor, approx: Tensor) -> float:
@@ -34,6 +34,20 @@ def sqnr(ref: Tensor, approx: Tensor) -> float:
     ref, approx = ref.double(), approx.double()
     noise = (ref - approx).square().sum()
     return float("inf") if noise == 0 else float(10 * torch.log10(ref.square().sum() / noise))
+
+
+def assert_close_at_scale(actual: Tensor, expected: Tensor, rel: float = 1e-2, min_sqnr: float = 40.0) -> None:
+    """Every element within ``rel * max|expected|`` and the whole within ``min_sqnr`` dB of ``expected``.
+
+    For 16-bit matmul outputs at real sizes (K in the thousands): their error is set by the size of
+    the products (W rounded to 16 bits, the output's own rounding, one activation code flipped by a
+    differently rounded division), so an elementwise ``rtol`` fails on outputs that cancel near 0.
+    A wrong tile or a wrong scale still fails both bounds.
+    """
+    bound = rel * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=bound, rtol=0)
+    got = sqnr(expected, actual)
+    assert got >= min_sqnr, f"SQNR {got:.1f} dB < {min_sqnr} dB"
 
 
 def _assert_same(a: QuantTensor, b: QuantTensor) -> None:

@@ -23,6 +23,7 @@ from quantframe import (
     int8_weight_only_quantized_training,
     quantize_,
 )
+from quantframe.distributed import count_fsdp_comms
 from quantframe.optim import AdamW
 from quantframe.testing import run_distributed
 
@@ -203,6 +204,31 @@ def _next_step_losses(model, opt, x, y) -> tuple[float, float]:
     return _full_batch(loss), _full_batch(_loss(model, x, y))
 
 
+BYTES_DIM = 256  # two Linear(256, 256, bias=False): the scales' share of the bytes is 4 / 256
+
+
+def _scenario_bytes(rank: int, out: str) -> dict:
+    """Bytes each rank hands to FSDP2's all-gathers and reduce-scatters in one training step, for
+    the same model with bf16 weights and with INT8 weights, both under a bf16 MixedPrecisionPolicy."""
+    result = {}
+    for name, quantized in (("bf16", False), ("int8", True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(BYTES_DIM, BYTES_DIM, bias=False), nn.ReLU(),
+                              nn.Linear(BYTES_DIM, BYTES_DIM, bias=False))  # fmt: skip
+        if quantized:
+            quantize_(model, int8_weight_only_quantized_training())
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+        for i in (0, 2):
+            fully_shard(model[i], mp_policy=mp_policy)
+        fully_shard(model, mp_policy=mp_policy)
+        counts = count_fsdp_comms(model)
+        model(torch.randn(4, BYTES_DIM)).float().square().mean().backward()
+        result[name] = dict(all_gather=counts.all_gather_bytes, calls=counts.all_gather_calls,
+                            dtypes=sorted(map(str, counts.all_gather_dtypes)),
+                            reduce_scatter=counts.reduce_scatter_bytes)  # fmt: skip
+    return result
+
+
 def _scenario_uneven(rank: int, out: str) -> dict:
     """out_features=15 over 2 ranks: fully_shard pads, the first all-gather must refuse."""
     torch.manual_seed(0)
@@ -215,7 +241,7 @@ def _scenario_uneven(rank: int, out: str) -> dict:
 
 
 SCENARIOS = {"train": _scenario_train, "bf16": _scenario_bf16, "checkpoint": _scenario_checkpoint,
-             "uneven": _scenario_uneven}  # fmt: skip
+             "uneven": _scenario_uneven, "bytes": _scenario_bytes}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +347,18 @@ def test_uneven_shard_raises(fsdp_runs):
             "Int8QTLinearWeight: FSDP2 needs out_features=15 divisible by the shard world size 2; "
             "leave this layer out of quantize_ (filter_fn) or pad it"
         )
+
+
+def test_all_gather_bytes_int8_are_half_of_bf16(fsdp_runs):
+    rows = BYTES_DIM // WORLD  # each rank's shard of a [256, 256] weight
+    for run in fsdp_runs["bytes"]:
+        bf16, int8 = run["bf16"], run["int8"]
+        # one all-gather per Linear in the forward, one again in the backward (resharded after forward)
+        assert bf16["calls"] == int8["calls"] == 4
+        assert bf16["dtypes"] == ["torch.bfloat16"]  # cast to the policy's dtype, then gathered
+        assert int8["dtypes"] == ["torch.uint8"]  # int8 rows + fp32 scales, gathered as bytes
+        assert bf16["all_gather"] == 4 * rows * BYTES_DIM * 2
+        assert int8["all_gather"] == 4 * (rows * BYTES_DIM + rows * 4)
+        assert int8["all_gather"] / bf16["all_gather"] == pytest.approx(0.5 + 2 / BYTES_DIM)  # 0.508
+        # gradients are dense bf16 in both: INT8 weights do not shrink the reduce-scatter
+        assert int8["reduce_scatter"] == bf16["reduce_scatter"] == 2 * BYTES_DIM * BYTES_DIM * 2

@@ -8,6 +8,7 @@ import torch
 from quantframe.kernels.affine_mm import affine_mm, affine_mm_reference, affine_mm_triton
 
 from quantframe import primitives as P
+from quantframe.testing import assert_close_at_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
@@ -201,8 +202,10 @@ def test_triton_matches_reference_on_cuda(bits, symmetric, group, m):
     )
     y = affine_mm(x, qdata, scale, zero_point, bits, group, bias)
     y_ref = affine_mm_reference(x, qdata, scale, zero_point, bits, group, bias)
-    # bf16 output (one ulp, 2**-8 relative) plus, for grouped GEMM, W rounded to bf16; atol for
-    # outputs that cancel near 0 (|y| ~ 0.01 * sqrt(K) ~ 1 here).
-    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    # bf16 output plus, for grouped GEMM, W rounded to bf16: measured on an H100 at most 0.3% of
+    # max|y| (8-bit asymmetric codes make |y| ~ 100 here, so outputs near 0 miss any rtol).
+    assert_close_at_scale(y, y_ref)
+    torch._dynamo.reset()  # each parametrization is a new graph: stay under the recompile limit
     compiled = torch.compile(affine_mm, fullgraph=True)
-    torch.testing.assert_close(compiled(x, qdata, scale, zero_point, bits, group, bias), y, atol=0, rtol=0)
+    # not bit-exact: inductor autotunes the kernel again and may pick another tile (summation order)
+    assert_close_at_scale(compiled(x, qdata, scale, zero_point, bits, group, bias), y_ref)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from quantframe.kernels.nf4_mm import nf4_mm, nf4_mm_grad_input, nf4_mm_reference, nf4_mm_triton
 
 from quantframe.nf4 import NF4_LEVELS, NF4Tensor, _level_table
+from quantframe.testing import assert_close_at_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
@@ -200,10 +201,13 @@ def test_triton_matches_reference_on_cuda(m, dtype):
     args = (q.codes, q.block_scales(), _level_table(q.device), q.block_size)
     y = nf4_mm(x, *args, bias)
     # 16-bit output (one ulp) plus, for GEMM, W rounded to x's dtype; atol for outputs near 0.
-    torch.testing.assert_close(y, nf4_mm_reference(x, *args, bias), atol=2e-2, rtol=2e-2)
+    y_ref = nf4_mm_reference(x, *args, bias)
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(F.linear(x, q, bias), y, atol=0, rtol=0)  # the NF4Tensor handler takes the kernel
+    torch._dynamo.reset()  # each parametrization is a new graph: stay under the recompile limit
     compiled = torch.compile(lambda x, w, b: F.linear(x, w, b), fullgraph=True)
-    torch.testing.assert_close(compiled(x, q, bias), y, atol=0, rtol=0)
+    # not bit-exact: inductor autotunes the kernel again (another tile: 1-ulp differences on the H100)
+    assert_close_at_scale(compiled(x, q, bias), y_ref)
     xg = x.detach().requires_grad_()
     F.linear(xg, q, bias).sum().backward()
     grad_ref = torch.ones(m, n, device="cuda").double() @ q.dequantize(torch.float64)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from quantframe.kernels.ternary_mm import ternary_mm, ternary_mm_reference, ternary_mm_triton
 
+from quantframe.testing import assert_close_at_scale
 from quantframe.ternary import TernaryWeight, quantize_activations_int8
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,6 +89,11 @@ def test_triton_matches_reference_on_cuda(m):
     w = TernaryWeight.from_float(torch.randn(4096, 4096, device="cuda"))
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     y = ternary_mm(x, w.packed, w.scale)
-    torch.testing.assert_close(y, ternary_mm_reference(x, w.packed, w.scale), atol=2e-2, rtol=2e-2)
+    y_ref = ternary_mm_reference(x, w.packed, w.scale)
+    # exact int32 sums; the bf16 output differs from the reference's by an ulp (1.0 at |y| > 128)
+    assert_close_at_scale(y, y_ref, rel=1e-2, min_sqnr=50)
+    torch._dynamo.reset()
     compiled = torch.compile(ternary_mm, fullgraph=True)
-    torch.testing.assert_close(compiled(x, w.packed, w.scale), y, atol=0, rtol=0)
+    # not bit-exact: inductor's fp32 division in the activation quantization is approximate on
+    # NVIDIA GPUs and flips a few codes at rounding ties (seen on an H100: 1-ulp output changes)
+    assert_close_at_scale(compiled(x, w.packed, w.scale), y_ref, rel=1e-2, min_sqnr=45)

@@ -1,0 +1,68 @@
+"""benchmarks/fsdp2.py under torchrun on CPU (gloo, 2 ranks, tiny model) and count_fsdp_comms' errors.
+
+The smoke run is the script a GPU run uses, end to end: every quantframe row trains sharded, its
+first losses match rank 0's unsharded run, and the all-gather bytes it reports are the shards'.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from quantframe.distributed import count_fsdp_comms
+
+_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "fsdp2.py"
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           str(_SCRIPT), "--cpu-smoke", "--json", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / f"fsdp2_cpu_x{WORLD}.json").read_text())
+
+
+def _rows(smoke) -> dict[str, dict]:
+    return {r["run"]: r for r in smoke["rows"]}
+
+
+def test_every_quantframe_row_trains_sharded_and_matches_the_unsharded_run(smoke):
+    rows = _rows(smoke)
+    assert smoke["meta"]["world"] == WORLD
+    for name, r in rows.items():
+        if name.startswith("torchao"):  # a peer: runs where torchao is installed, else says why
+            assert "error" in r or "ms_per_step" in r
+            continue
+        assert "error" not in r, (name, r.get("error"))
+        # the first 3 losses of the sharded run (mean over ranks) are the unsharded run's, and the
+        # loss moved far more than they differ (bf16 weights; INT8 rows add stochastic rounding)
+        assert r["loss_rel_diff"] < 2e-3, name
+        assert r["loss_moved"] > 5 * r["loss_rel_diff"], name
+        assert r["all_gather_calls"] > 0 and r["all_gather_bytes"] > 0
+
+
+def test_int8_weights_halve_the_all_gather_bytes(smoke):
+    rows = _rows(smoke)
+    bf16 = rows["bf16, torch AdamW"]["all_gather_bytes"]
+    for name in ("quantframe int8 QT + AdamW", "quantframe int8 MP + int8 weights + AdamW"):
+        ratio = rows[name]["all_gather_bytes"] / bf16
+        assert 0.5 < ratio <= 0.52, (name, ratio)  # int8 + fp32 row scales (dim 256: +2/256), bf16 norms
+    # bf16 master weights (INT8 matmuls only) gather what bf16 gathers
+    assert rows["quantframe int8 mixed precision + AdamW"]["all_gather_bytes"] == bf16
+    # a frozen NF4 base moves ~4.25 bits a weight (codes + quantized block scales) instead of 16
+    lora = rows["bf16 base + LoRA r16, torch AdamW"]["all_gather_bytes"]
+    assert rows["NF4 base + LoRA r16 (QLoRA), torch AdamW"]["all_gather_bytes"] / lora < 0.35
+
+
+def test_count_fsdp_comms_needs_a_sharded_model():
+    with pytest.raises(ValueError, match="no module of the model is fully_shard-ed"):
+        count_fsdp_comms(nn.Linear(4, 4))
+
