@@ -378,6 +378,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="write <out>/nf4_dora_<gpu>.json")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for --json")
     parser.add_argument("--cpu-smoke", action="store_true", help="quantframe and reference rows on CPU, tiny, untimed")
+    parser.add_argument("--part", choices=("all", "linear", "dora"), default="all", help="which table(s) to run")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         return cpu_smoke()
@@ -393,18 +394,20 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     timer = Timer(warm_l2=False, graph_max_m=16)
     n, k = LINEAR_SHAPE
-    linear = run_linear_table(LINEAR_ROWS, LINEAR_MS, n, k, "cuda", timer)
-    print(f"\nNF4 linear: rel err vs x @ dequant(W).T, each row's own dequantization (bound {LINEAR_BOUND}); "
-          "graph timings with L2 flushed")  # fmt: skip
-    print_table(n, k, linear, bandwidth)
+    linear, dora = [], []
+    if args.part in ("all", "linear"):
+        linear = run_linear_table(LINEAR_ROWS, LINEAR_MS, n, k, "cuda", timer)
+        print(f"\nNF4 linear: rel err vs x @ dequant(W).T, each row's own dequantization (bound {LINEAR_BOUND}); "
+              "graph timings with L2 flushed")  # fmt: skip
+        print_table(n, k, linear, bandwidth)
     p = make_params(FEATURES, FEATURES, "cuda")
-    dora = []
-    for base in ("bf16", "nf4"):
+    for base in ("bf16", "nf4") if args.part in ("all", "dora") else ():
         results = run_dora_table(base, p, DORA_INPUTS, DORA_ROWS, "cuda", timed=True)
         print_dora_table(base, FEATURES, FEATURES, results)
         dora += results
     if args.json:
-        out = Path(args.out) / f"nf4_dora_{gpu.replace(' ', '_')}.json"
+        part = "" if args.part == "all" else f"_{args.part}"
+        out = Path(args.out) / f"nf4_dora{part}_{gpu.replace(' ', '_')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "quantframe": __import__("quantframe").__version__, **versions,

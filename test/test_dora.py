@@ -56,6 +56,50 @@ def test_starts_equal_to_base(base):
         assert torch.equal(layer(x), F.linear(x, qw, b))
 
 
+@pytest.mark.parametrize("base", ["plain", "nf4"])
+def test_bf16_activations_match_the_fp32_reference_at_bf16_precision(base):
+    """bf16 x (fp32 adapters, as the layer makes them): within bf16 rounding of the fp32 computation,
+    outputs and every gradient (relative to each tensor's scale: sums over K = 256 terms)."""
+    layer = _layer(base, n=96, k=256, rank=8)
+    x = torch.randn(4, 9, 256)
+    g = torch.randn(4, 9, 96)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    xb = x.bfloat16().requires_grad_()
+    y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, [xb, *params], g.bfloat16())
+    x32 = xb.detach().float().requires_grad_()  # the same bf16 inputs, computed in fp32
+    y_ref = naive_forward(layer, x32)
+    grads_ref = torch.autograd.grad(y_ref, [x32, *params], g.bfloat16().float())
+    for name, got, ref in zip(["y", "x", "A", "B", "m"], [y, *grads], [y_ref, *grads_ref]):
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-2, (name, err.item())
+
+
+def test_bf16_activations_run_the_large_matmuls_in_bf16():
+    """x W.T, dy W and the backward's recompute of x W.T are bf16 matmuls (tensor cores on a GPU);
+    only the rank-r products stay fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = args[-2], args[-1]
+                self.seen.append((a.dtype, 8 not in (*a.shape, b.shape[1])))  # large: no dim is the rank 8
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer("plain", n=96, k=256, rank=8)
+    x = torch.randn(36, 256, dtype=torch.bfloat16, requires_grad=True)
+    with RecordMatmuls() as rec:
+        layer(x).float().square().sum().backward()
+    large = [dtype for dtype, is_large in rec.seen if is_large]
+    assert large == [torch.bfloat16] * 3, rec.seen
+
+
 @pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
 @pytest.mark.parametrize("base", BASES)
 def test_forward_and_grads_match_naive_reference(base, use_dora):

@@ -8,8 +8,11 @@ any ``QuantTensor`` with ``dequantize``), ``A [r, K]``, ``B [N, r]``, ``m [N]`` 
 ``s = alpha / r``. The row norm is *detached*, as in the DoRA paper's practical version (section
 4.3, "we treat ||V + dV||_c as a constant") and PEFT's ``DoraLinearLayer`` (``weight_norm.detach()``):
 no gradient flows through it, which saves the [N, K] backward of the norm. The bias is not
-scaled by ``m / ||.||`` (as in PEFT). Math runs in fp32 (fp64 for fp64 inputs), one rounding to
-the activation dtype at the end.
+scaled by ``m / ||.||`` (as in PEFT). The three large matmuls (``x W.T``, ``dy W`` and the
+backward's recompute of ``x W.T``) run in the activation dtype when it is bf16/fp16 (tensor cores,
+fp32 accumulation: the product rounded once, as in PEFT and ``nn.Linear``); everything else (the
+rank-r branch, the row norm, the scaling, the gradients of A, B, m) in fp32 (fp64 for fp64
+inputs), with one rounding to the activation dtype at the end.
 
 Example::
 
@@ -93,6 +96,23 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # fp64 only for gradcheck
 
 
+def _mm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the three large matmuls (``x W.T``, ``dy W``, the ``dm`` recompute): 16-bit inputs
+    keep their dtype (tensor cores, fp32 accumulation, one rounding of the product, as PEFT and a
+    plain ``nn.Linear``); fp32 / fp64 inputs stay exact."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else _acc_dtype(x)
+
+
+def _base_weights(weight: Tensor, acc: torch.dtype, mm: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(W for the row norm, W for the matmuls)``: a dense base as it is (the norm kernel reads any
+    float dtype in fp32); a quantized one dequantized once in ``acc``, so the norm is the one
+    :func:`weight_norm` gives (scale exactly 1 at init), then cast to ``mm`` for the matmuls."""
+    if isinstance(weight, QuantTensor):
+        w = weight.dequantize(acc)
+        return w, w.to(mm)
+    return weight, weight.to(mm)
+
+
 def _dense(w: Tensor, dtype: torch.dtype) -> Tensor:
     return w.dequantize(dtype) if isinstance(w, QuantTensor) else w.to(dtype)
 
@@ -136,20 +156,20 @@ class _DoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, magnitude, scaling: float, use_dora: bool):
-        acc = _acc_dtype(x)
+        acc, mm = _acc_dtype(x), _mm_dtype(x)
         # x_lora None: no dropout, the branch reads x (dynamo rejects one tensor passed twice)
         x_lora = x if x_lora is None else x_lora
         ctx.shared_input = x_lora is x
-        w = _dense(weight, acc)  # [N, K]
+        w_norm, w = _base_weights(weight, acc, mm)  # [N, K] each
         a, b = lora_A.to(acc), lora_B.to(acc)
         xa = x_lora.to(acc) @ a.T  # [M, r]
-        pre = x.to(acc) @ w.T + scaling * (xa @ b.T)  # [M, N]
+        pre = (x.to(mm) @ w.T).to(acc) + scaling * (xa @ b.T)  # [M, N]
         norm = None
         if use_dora:
             from quantframe.kernels.dora import dora_column_norm  # lazy: keeps `import quantframe` triton-free
 
             # [N] each; fused on CUDA (B @ A never written); the norm is a constant for autograd
-            norm, scale = dora_column_norm(w, a, b, magnitude, scaling)
+            norm, scale = dora_column_norm(w_norm, a, b, magnitude, scaling)
             pre = pre * scale
         if bias is not None:
             pre = pre + bias.to(acc)
@@ -160,13 +180,14 @@ class _DoRALinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm = ctx.saved_tensors
-        s, acc = ctx.scaling, _acc_dtype(x)
+        s, acc, mm = ctx.scaling, _acc_dtype(x), _mm_dtype(x)
         g = grad_out.to(acc)
-        w, a, b = _dense(weight, acc), lora_A.to(acc), lora_B.to(acc)
+        a, b = lora_A.to(acc), lora_B.to(acc)
+        w = _base_weights(weight, acc, mm)[1]
         gp = g * (magnitude.to(acc) / norm) if ctx.use_dora else g  # grad of the pre-scale output
         gxa = s * (gp @ b)  # [M, r]
         need = ctx.needs_input_grad
-        dx = gp @ w if need[0] else None
+        dx = (gp.to(mm) @ w).to(acc) if need[0] else None
         dx_lora = gxa @ a if need[0 if ctx.shared_input else 1] else None
         if ctx.shared_input:
             dx, dx_lora = None if dx is None else dx + dx_lora, None
@@ -178,7 +199,7 @@ class _DoRALinearFn(torch.autograd.Function):
         dm = None
         if ctx.use_dora and need[6]:
             # recompute x W.T instead of saving the [M, N] pre-scale output
-            pre = x.to(acc) @ w.T + s * (xa @ b.T)
+            pre = (x.to(mm) @ w.T).to(acc) + s * (xa @ b.T)
             dm = ((g * pre).sum(0) / norm).to(magnitude.dtype)
         return dx, dx_lora, None, db, dA, dB, dm, None, None
 
