@@ -20,6 +20,11 @@ from torch.library import wrap_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+# From this many rows on, the dispatchers (affine_mm, nf4_mm) dequantize W once and call the dense
+# matmul: on an H100 the fused GEMM kernels took 6.3 ms (int4 g128) and 11.1 ms (NF4) at
+# M=4096, N=14336, K=4096, against 0.63 ms for bf16 (docs/results.md), and 0.34 ms (int4) at
+# M=16 in the GEMV; one dequantizing pass writes 2 bytes a weight (~40 us there).
+DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90
 # without spills in bf16 for both families (larger tiles spill); not yet timed on a GPU.
@@ -120,6 +125,24 @@ def x_dtype_problem(x: Tensor, who: str) -> TypeError | None:
     if x.dtype not in FLOAT_DTYPES:
         return TypeError(f"{who}: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
     return None
+
+
+def rows(x: Tensor) -> int:
+    """Rows of ``x [..., K]`` as a matrix (0 for a scalar or K = 0)."""
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def launch_dequantize(
+    kernel, weights: tuple[Tensor, ...], weight_strides: tuple[int, ...], n: int, k: int, dtype: torch.dtype,
+    block_k: int, **constexprs,
+) -> Tensor:  # fmt: skip
+    """``W [n, k]`` in ``dtype`` from a family's dequantize kernel, one ``[32, block_k]`` tile a program;
+    the kernel takes ``(*weights, w, N, K, *weight_strides, **constexprs, BLOCK_N, BLOCK_K)``."""
+    w = torch.empty((n, k), dtype=dtype, device=weights[0].device)
+    if w.numel():
+        grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
+        wrap_triton(kernel)[grid](*weights, w, n, k, *weight_strides, **constexprs, BLOCK_N=32, BLOCK_K=block_k)
+    return w
 
 
 def launch(

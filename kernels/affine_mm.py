@@ -28,7 +28,14 @@ from . import _weight_mm as wmm
 from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
-__all__ = ["affine_mm", "affine_mm_reference", "affine_mm_triton"]
+__all__ = [
+    "affine_dequantize",
+    "affine_dequantize_triton",
+    "affine_mm",
+    "affine_mm_dense",
+    "affine_mm_reference",
+    "affine_mm_triton",
+]
 
 GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
 
@@ -249,6 +256,31 @@ def _affine_gemm_kernel(
     bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
+@triton.jit
+def _affine_dequantize_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr,  # qdata, scale/zero_point [N, G], W [N, K] out
+    N, K,
+    stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # 0: one group per row
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE
+):  # fmt: skip
+    """``W = (code - zero_point) * scale`` in fp32 (as :func:`quantframe.primitives.dequantize`), stored
+    in ``w_ptr``'s dtype: one ``[BLOCK_N, BLOCK_K]`` tile a program."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    k0 = tl.program_id(1) * BLOCK_K
+    g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
+    w = _codes_minus_zero(
+        q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N, BLOCK_K
+    ).to(tl.float32)
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
+    rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask = mask_n[:, None] & (rk < K)[None, :]
+    tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], (w * s[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
+
+
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
 @triton_op("quantframe::affine_mm", mutates_args=())
@@ -320,6 +352,85 @@ def affine_mm_triton(
     return y.reshape(*lead, y.shape[-1])
 
 
+def affine_dequantize_triton(
+    qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None, dtype: torch.dtype
+) -> Tensor:
+    """Triton version of :func:`affine_dequantize` (bit for bit), one pass writing ``W [N, K]``, for
+    bits 8 / 4 and group_size None or a power of two >= 16 (else ValueError)."""
+    if bits not in _KERNEL_BITS or not (group_size is None or (group_size >= 16 and not group_size & (group_size - 1))):
+        raise ValueError(
+            f"affine_dequantize_triton: bits={bits}, group_size={group_size}; expected bits in {_KERNEL_BITS} "
+            "and group_size None or a power of two >= 16"
+        )
+    n, k = qdata.shape[0], qdata.shape[1] * 8 // bits
+    g = 1 if group_size is None else k // group_size
+    scale, zero_point = scale.float().reshape(n, g), zero_point.to(torch.int32).reshape(n, g)
+    strides = (*qdata.stride(), *scale.stride(), *zero_point.stride())
+    return wmm.launch_dequantize(
+        _affine_dequantize_kernel, (qdata, scale, zero_point), strides, n, k, dtype, min(128, group_size or 128),
+        BITS=bits, GROUP_SIZE=group_size or 0,
+    )  # fmt: skip
+
+
+def affine_dequantize(
+    qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None, dtype: torch.dtype
+) -> Tensor:
+    """``W [N, K]`` in ``dtype``: ``(code - zero_point) * scale`` in fp32, one rounding (the reference's
+    ``dequantize`` cast to ``dtype``): one Triton pass on CUDA where the kernel applies, else torch ops."""
+    if use_triton(qdata) and bits in _KERNEL_BITS and (group_size is None or group_size >= 16):
+        return affine_dequantize_triton(qdata, scale, zero_point, bits, group_size, dtype)
+    return _dequantize(qdata, scale, zero_point, bits).to(dtype)
+
+
+# One opaque op: under torch.compile the transient 16-bit W never enters the graph, so the
+# partitioner cannot save it for backward (as quantframe::int8_weight_mm_dense).
+@torch.library.custom_op("quantframe::affine_mm_dense", mutates_args=())
+def _affine_mm_dense_op(
+    x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int, bias: Tensor | None
+) -> Tensor:
+    w = affine_dequantize(qdata, scale, zero_point, bits, group_size or None, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_affine_mm_dense_op.register_fake
+def _(x, qdata, scale, zero_point, bits, group_size, bias):
+    return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+def _dense_setup_context(ctx, inputs, output):
+    x, qdata, scale, zero_point, bits, group_size, bias = inputs
+    ctx.save_for_backward(qdata, scale, zero_point)
+    ctx.bits, ctx.group_size, ctx.x_dtype = bits, group_size, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _dense_backward(ctx, grad):
+    qdata, scale, zero_point = ctx.saved_tensors
+    w = affine_dequantize(qdata, scale, zero_point, ctx.bits, ctx.group_size or None, grad.dtype)
+    grad_x = (grad @ w).to(ctx.x_dtype)
+    grad_bias = grad.float().sum(tuple(range(grad.dim() - 1))).to(ctx.bias_dtype) if ctx.bias_dtype else None
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+_affine_mm_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+
+
+def affine_mm_dense(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """The prefill path: ``W`` dequantized once to ``x.dtype`` (:func:`affine_dequantize`, a transient
+    ``[N, K]`` copy), then the dense matmul (cuBLAS on a GPU). Same arguments, result (to ``x.dtype``
+    rounding of ``W``) and errors as :func:`affine_mm_reference`."""
+    _check_args(x, qdata, scale, zero_point, bits, group_size, bias)
+    return torch.ops.quantframe.affine_mm_dense(x, qdata, scale, zero_point, bits, group_size or 0, bias)
+
+
 def affine_mm(
     x: Tensor,
     qdata: Tensor,
@@ -329,8 +440,9 @@ def affine_mm(
     group_size: int | None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """``x [..., K] @ dequant(W).T (+ bias [N])``: the Triton kernels on CUDA where they apply (see
-    :func:`affine_mm_triton`), else :func:`affine_mm_reference` (same arguments, result and errors).
+    """``x [..., K] @ dequant(W).T (+ bias [N])``: on CUDA, where the kernels apply, the GEMV kernel
+    (:func:`affine_mm_triton`) up to ``GEMV_MAX_ROWS`` rows of x and :func:`affine_mm_dense` from
+    ``DENSE_MIN_ROWS`` on; else :func:`affine_mm_reference` (same arguments, result and errors).
 
     Example::
 
@@ -338,5 +450,7 @@ def affine_mm(
         y = affine_mm(x, q.qdata, q.scale, q.zero_point, 4, 128)
     """
     if use_triton(x) and _kernel_problem(x, bits, group_size) is None:
+        if wmm.rows(x) >= wmm.DENSE_MIN_ROWS:
+            return affine_mm_dense(x, qdata, scale, zero_point, bits, group_size, bias)
         return affine_mm_triton(x, qdata, scale, zero_point, bits, group_size, bias)
     return affine_mm_reference(x, qdata, scale, zero_point, bits, group_size, bias)

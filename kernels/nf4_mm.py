@@ -33,7 +33,15 @@ from . import _weight_mm as wmm
 from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
-__all__ = ["nf4_mm", "nf4_mm_grad_input", "nf4_mm_reference", "nf4_mm_triton"]
+__all__ = [
+    "nf4_dequantize",
+    "nf4_dequantize_triton",
+    "nf4_mm",
+    "nf4_mm_dense",
+    "nf4_mm_grad_input",
+    "nf4_mm_reference",
+    "nf4_mm_triton",
+]
 
 GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
 
@@ -119,8 +127,8 @@ def nf4_mm_grad_input(grad: Tensor, codes: Tensor, scale: Tensor, levels: Tensor
     """``grad [..., N] @ dequant(W) [N, K] -> [..., K]`` in ``grad.dtype``: the input gradient of
     :func:`nf4_mm` (W is a frozen base and gets none).
 
-    On CUDA, W is dequantized once into ``grad.dtype`` and multiplied in that dtype (a 16-bit
-    matmul on tensor cores; no Triton kernel for the transposed product yet). Elsewhere fp32 math,
+    On CUDA, W is dequantized once into ``grad.dtype`` (:func:`nf4_dequantize`, one Triton pass) and
+    multiplied in that dtype (a 16-bit matmul on tensor cores). Elsewhere fp32 math,
     one rounding. Raises as :func:`nf4_mm_reference` (``grad.shape[-1]`` must be N).
     """
     if not grad.dtype.is_floating_point:
@@ -131,10 +139,9 @@ def nf4_mm_grad_input(grad: Tensor, codes: Tensor, scale: Tensor, levels: Tensor
         raise ValueError(
             f"nf4_mm_grad_input: grad.shape={tuple(grad.shape)} must end in N={codes.shape[0]} (codes.shape[0])"
         )
-    w = _dequantize(codes, scale, levels, block_size)
     if grad.is_cuda:
-        return grad @ w.to(grad.dtype)
-    return (grad.float() @ w).to(grad.dtype)
+        return grad @ nf4_dequantize(codes, scale, levels, block_size, grad.dtype)
+    return (grad.float() @ _dequantize(codes, scale, levels, block_size)).to(grad.dtype)
 
 
 # ---- Triton ------------------------------------------------------------------------------------
@@ -230,6 +237,26 @@ def _nf4_gemm_kernel(
     bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
+@triton.jit
+def _nf4_dequantize_kernel(
+    c_ptr, s_ptr, lv_ptr, w_ptr,  # codes [N, K // 2], scale [N, K // BLOCK_SIZE], levels [16], W [N, K] out
+    N, K,
+    stride_cn, stride_ck, stride_sn, stride_sg,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE
+):  # fmt: skip
+    """``W = levels[code] * block scale`` in fp32 (as ``NF4Tensor.dequantize``), stored in ``w_ptr``'s
+    dtype: one ``[BLOCK_N, BLOCK_K]`` tile a program."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
+    s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+    rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], (w * s[:, None]).to(w_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
 @triton_op("quantframe::nf4_mm", mutates_args=())
@@ -295,11 +322,75 @@ def nf4_mm_triton(
     return y.reshape(*lead, y.shape[-1])
 
 
+def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """Triton version of :func:`nf4_dequantize` (bit for bit), one pass writing ``W [N, K]``, for
+    block_size a power of two >= 16 dividing K (else ValueError)."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    if block_size < 16 or block_size & (block_size - 1) or k % block_size:
+        raise ValueError(f"nf4_dequantize_triton: block_size={block_size} must be a power of two >= 16 dividing K={k}")
+    scale = scale.float().reshape(n, k // block_size)
+    return wmm.launch_dequantize(
+        _nf4_dequantize_kernel, (codes, scale, levels.float().contiguous()), (*codes.stride(), *scale.stride()),
+        n, k, dtype, min(128, block_size), BLOCK_SIZE=block_size,
+    )  # fmt: skip
+
+
+def nf4_dequantize(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """``W [N, K]`` in ``dtype``: ``levels[code] * block scale`` in fp32, one rounding: one Triton pass
+    on CUDA where the kernel applies, else torch ops."""
+    k = codes.shape[1] * 2
+    if use_triton(codes) and block_size >= 16 and not block_size & (block_size - 1) and k % block_size == 0:
+        return nf4_dequantize_triton(codes, scale, levels, block_size, dtype)
+    return _dequantize(codes, scale, levels, block_size).to(dtype)
+
+
+# One opaque op: under torch.compile the transient 16-bit W never enters the graph, so the
+# partitioner cannot save it for backward (a QLoRA base would cost 2 bytes a weight again).
+@torch.library.custom_op("quantframe::nf4_mm_dense", mutates_args=())
+def _nf4_mm_dense_op(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None
+) -> Tensor:
+    w = nf4_dequantize(codes, scale, levels, block_size, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_nf4_mm_dense_op.register_fake
+def _(x, codes, scale, levels, block_size, bias):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def _dense_setup_context(ctx, inputs, output):
+    _, codes, scale, levels, block_size, bias = inputs
+    ctx.save_for_backward(codes, scale, levels)
+    ctx.block_size, ctx.bias_dtype = block_size, bias.dtype if bias is not None else None
+
+
+def _dense_backward(ctx, grad):
+    codes, scale, levels = ctx.saved_tensors
+    grad_x = nf4_mm_grad_input(grad, codes, scale.reshape(-1), levels, ctx.block_size)
+    grad_bias = grad.float().sum(tuple(range(grad.dim() - 1))).to(ctx.bias_dtype) if ctx.bias_dtype else None
+    return grad_x, None, None, None, None, grad_bias
+
+
+_nf4_mm_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+
+
+def nf4_mm_dense(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """The prefill path: ``W`` dequantized once to ``x.dtype`` (:func:`nf4_dequantize`, a transient
+    ``[N, K]`` copy), then the dense matmul (cuBLAS on a GPU). Same arguments, result (to ``x.dtype``
+    rounding of ``W``) and errors as :func:`nf4_mm_reference`; differentiable with respect to x and bias."""
+    _check_args(x, codes, scale, levels, block_size, bias, "nf4_mm_dense")
+    return torch.ops.quantframe.nf4_mm_dense(x, codes, scale, levels, block_size, bias)
+
+
 def nf4_mm(
     x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
 ) -> Tensor:
-    """``x [..., K] @ dequant(W).T (+ bias [N])``: the Triton kernels on CUDA where they apply (see
-    :func:`nf4_mm_triton`), else :func:`nf4_mm_reference` (same arguments, result and errors).
+    """``x [..., K] @ dequant(W).T (+ bias [N])``: on CUDA, where the kernels apply, the GEMV kernel
+    (:func:`nf4_mm_triton`) up to ``GEMV_MAX_ROWS`` rows of x and :func:`nf4_mm_dense` from
+    ``DENSE_MIN_ROWS`` on; else :func:`nf4_mm_reference` (same arguments, result and errors).
 
     Example::
 
@@ -307,5 +398,7 @@ def nf4_mm(
         y = nf4_mm(x, q.codes, q.block_scales(), torch.tensor(NF4_LEVELS, device=x.device), q.block_size)
     """
     if use_triton(x) and _kernel_problem(x, block_size) is None:
+        if wmm.rows(x) >= wmm.DENSE_MIN_ROWS:
+            return nf4_mm_dense(x, codes, scale, levels, block_size, bias)
         return nf4_mm_triton(x, codes, scale, levels, block_size, bias)
     return nf4_mm_reference(x, codes, scale, levels, block_size, bias)

@@ -31,7 +31,7 @@ __all__ = ["QuantTensorContract", "assert_close_at_scale", "run_distributed", "s
 
 def sqnr(ref: Tensor, approx: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).square().sum()
     return float("inf") if noise == 0 else float(10 * torch.log10(ref.square().sum() / noise))
 

@@ -5,9 +5,18 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 
 import pytest
 import torch
-from quantframe.kernels.affine_mm import affine_mm, affine_mm_reference, affine_mm_triton
+import quantframe.kernels.affine_mm as affine_mm_module
+from quantframe.kernels.affine_mm import (
+    affine_dequantize,
+    affine_dequantize_triton,
+    affine_mm,
+    affine_mm_dense,
+    affine_mm_reference,
+    affine_mm_triton,
+)
 
 from quantframe import primitives as P
+from quantframe.testing import assert_close_at_scale
 from quantframe.testing import assert_close_at_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,6 +120,74 @@ def test_triton_takes_empty_batch_and_gradients_reach_x_and_bias(bits):
     x.grad = bias.grad = None
     affine_mm_reference(x, qdata, scale, zero_point, bits, 32, bias).square().sum().backward()
     torch.testing.assert_close(grads, (x.grad, bias.grad), atol=1e-5, rtol=1e-5)
+
+
+# ---- the prefill path: dequantize once, then the dense matmul -----------------------------------
+def _assert_same_rounding(w, ref_fp32, dtype):
+    """Bit for bit; bf16 within one ulp: the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)."""
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(w.float(), ref_fp32.to(dtype).float(), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(w, ref_fp32.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits, symmetric, group", [(8, True, None), (8, False, 32), (4, False, 64), (4, True, None),
+                                                    (4, True, 16)])  # fmt: skip
+def test_dequantize_triton_matches_reference(bits, symmetric, group, dtype):
+    n, k = 40, 256  # N off the 32-row tile
+    qdata, scale, zero_point = _weight(n, k, bits, group, symmetric)
+    w = affine_dequantize_triton(qdata, scale, zero_point, bits, group, dtype)
+    assert w.shape == (n, k) and w.dtype == dtype
+    ref = affine_mm_module._dequantize(qdata, scale, zero_point, bits)  # fp32
+    _assert_same_rounding(w, ref, dtype)
+    assert torch.equal(affine_dequantize(qdata, scale, zero_point, bits, group, dtype), ref.to(dtype))  # CPU: ops
+
+
+@pytest.mark.parametrize("bits, group, match", [(3, 32, "bits=3"), (4, 8, "group_size=8"), (8, 48, "group_size=48")])
+def test_dequantize_triton_rejects_what_the_kernel_cannot_take(bits, group, match):
+    qdata, scale, zero_point = _weight(4, 96 if group == 48 else 64, bits, group, False)
+    with pytest.raises(ValueError, match=match):
+        affine_dequantize_triton(qdata, scale, zero_point, bits, group, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_matches_reference_with_gradients(bits, dtype):
+    qdata, scale, zero_point = _weight(24, 128, bits, 32, False)
+    x, bias = torch.randn(2, 20, 128).to(dtype).requires_grad_(), torch.randn(24).to(dtype).requires_grad_()
+    y = affine_mm_dense(x, qdata, scale, zero_point, bits, 32, bias)
+    assert y.shape == (2, 20, 24) and y.dtype == dtype
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, bias), g)
+    y_ref = affine_mm_reference(x, qdata, scale, zero_point, bits, 32, bias)
+    grads_ref = torch.autograd.grad(y_ref, (x, bias), g)
+    # fp32: the reference's math; 16-bit: W, the product and the gradients rounded to x's dtype
+    for got, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        else:
+            assert_close_at_scale(got.float(), ref.float(), rel=1e-2, min_sqnr=40)
+
+
+def test_dense_compiles_fullgraph_as_one_opaque_op():
+    qdata, scale, zero_point = _weight(24, 128, 4, 32, False)
+    x = torch.randn(20, 128)
+    compiled = torch.compile(affine_mm_dense, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, qdata, scale, zero_point, 4, 32), affine_mm_dense(x, qdata, scale, zero_point, 4, 32))
+
+
+@pytest.mark.parametrize("m, path", [(1, "triton"), (16, "triton"), (17, "dense"), (4096, "dense")])
+def test_dispatch_on_cuda_takes_the_gemv_then_the_dense_path(monkeypatch, m, path):
+    """Where Triton runs (CUDA), M <= GEMV_MAX_ROWS goes to the GEMV kernel, M >= DENSE_MIN_ROWS to
+    dequantize + dense matmul (the fused GEMM is 10x slower there on an H100: docs/results.md)."""
+    taken = []
+    monkeypatch.setattr(affine_mm_module, "use_triton", lambda t: True)
+    for name in ("affine_mm_triton", "affine_mm_dense"):
+        monkeypatch.setattr(affine_mm_module, name, lambda *a, name=name: taken.append(name.split("_")[-1]))
+    qdata, scale, zero_point = _weight(8, 64, 4, 32, False)
+    affine_mm(torch.randn(m, 64), qdata, scale, zero_point, 4, 32)
+    assert taken == [path]
 
 
 # ---- dispatch and errors -----------------------------------------------------------------------

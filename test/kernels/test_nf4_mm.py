@@ -6,7 +6,16 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 import pytest
 import torch
 import torch.nn.functional as F
-from quantframe.kernels.nf4_mm import nf4_mm, nf4_mm_grad_input, nf4_mm_reference, nf4_mm_triton
+import quantframe.kernels.nf4_mm as nf4_mm_module
+from quantframe.kernels.nf4_mm import (
+    nf4_dequantize,
+    nf4_dequantize_triton,
+    nf4_mm,
+    nf4_mm_dense,
+    nf4_mm_grad_input,
+    nf4_mm_reference,
+    nf4_mm_triton,
+)
 
 from quantframe.nf4 import NF4_LEVELS, NF4Tensor, _level_table
 from quantframe.testing import assert_close_at_scale
@@ -129,6 +138,64 @@ def test_grad_input_matches_float64():
 
 
 # ---- dispatch, wiring and errors ---------------------------------------------------------------
+# ---- the prefill path: dequantize once, then the dense matmul -----------------------------------
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+def test_dequantize_triton_matches_reference(block_size, dtype):
+    codes, scale = _weight(40, 256, block_size)  # N off the 32-row tile
+    w = nf4_dequantize_triton(codes, scale, LEVELS, block_size, dtype)
+    ref = nf4_mm_module._dequantize(codes, scale, LEVELS, block_size)  # fp32
+    assert w.shape == (40, 256) and w.dtype == dtype
+    if dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)
+        torch.testing.assert_close(w.float(), ref.to(dtype).float(), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(w, ref.to(dtype))
+    assert torch.equal(nf4_dequantize(codes, scale, LEVELS, block_size, dtype), ref.to(dtype))  # CPU: torch ops
+
+
+@pytest.mark.parametrize("block_size", [8, 48, 512])
+def test_dequantize_triton_rejects_blocks_the_kernel_cannot_take(block_size):
+    codes, scale = _weight(8, 96 if block_size == 48 else 256, block_size if block_size != 512 else 256)
+    with pytest.raises(ValueError, match=f"block_size={block_size} must be a power of two >= 16 dividing K"):
+        nf4_dequantize_triton(codes, scale, LEVELS, block_size, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_dense_matches_reference_with_gradients(dtype):
+    codes, scale = _weight(24, 128, 64)
+    x, bias = torch.randn(2, 20, 128).to(dtype).requires_grad_(), torch.randn(24).to(dtype).requires_grad_()
+    y = nf4_mm_dense(x, codes, scale, LEVELS, 64, bias)
+    assert y.shape == (2, 20, 24) and y.dtype == dtype
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, bias), g)
+    y_ref = nf4_mm_reference(x, codes, scale, LEVELS, 64, bias)
+    grads_ref = torch.autograd.grad(y_ref, (x, bias), g)
+    # fp32: the reference's math; 16-bit: W, the product and the gradients rounded to x's dtype
+    for got, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        else:
+            assert_close_at_scale(got.float(), ref.float(), rel=1e-2, min_sqnr=40)
+
+
+def test_dense_compiles_fullgraph_as_one_opaque_op():
+    codes, scale = _weight(24, 128, 64)
+    x = torch.randn(20, 128)
+    compiled = torch.compile(nf4_mm_dense, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, codes, scale, LEVELS, 64), nf4_mm_dense(x, codes, scale, LEVELS, 64))
+
+
+@pytest.mark.parametrize("m, path", [(1, "triton"), (16, "triton"), (17, "dense"), (4096, "dense")])
+def test_dispatch_on_cuda_takes_the_gemv_then_the_dense_path(monkeypatch, m, path):
+    taken = []
+    monkeypatch.setattr(nf4_mm_module, "use_triton", lambda t: True)
+    for name in ("nf4_mm_triton", "nf4_mm_dense"):
+        monkeypatch.setattr(nf4_mm_module, name, lambda *a, name=name: taken.append(name.split("_")[-1]))
+    codes, scale = _weight(8, 64, 32)
+    nf4_mm(torch.randn(m, 64), codes, scale, LEVELS, 32)
+    assert taken == [path]
+
+
 def test_dispatch_uses_reference_on_cpu():
     codes, scale = _weight(7, 64, 32)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
