@@ -254,7 +254,8 @@ def _nf4_dequantize_kernel(
     w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
     s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
     rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-    tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], (w * s[:, None]).to(w_ptr.dtype.element_ty), mask=mask_n[:, None])
+    w = (w * s[:, None]).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], w, mask=mask_n[:, None])
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under

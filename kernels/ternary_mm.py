@@ -31,10 +31,14 @@ from quantframe import primitives as P
 
 from . import use_triton
 
-__all__ = ["ternary_mm", "ternary_mm_reference", "ternary_mm_triton"]
+__all__ = ["ternary_mm", "ternary_mm_dense", "ternary_mm_reference", "ternary_mm_triton", "ternary_unpack_triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_ROWS = 16
+# From this many rows on (where torch._int_mm takes the shape), ternary_mm unpacks W once and runs
+# cuBLAS's INT8 GEMM: the Triton GEMM kernel took 3.4-3.7 ms at M=4096, N=14336, K=4096 on an H100
+# (bf16 F.linear 0.64 ms; docs/results.md).
+DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 
 def _check_args(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> None:
@@ -203,6 +207,88 @@ def _ternary_gemm_kernel(
     _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
+# ---- more rows: unpack W to int8 once, cuBLAS's INT8 GEMM (torch._int_mm), one epilogue pass ----
+@triton.jit
+def _ternary_unpack_kernel(p_ptr, w_ptr, N, K, KB, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 ``W [N, K]`` in {-1, 0, 1} from the packed codes: one ``[BLOCK_N, BLOCK_K]`` tile a program."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N, BLOCK_K)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], w, mask=mask_n[:, None] & (rk < K)[None, :])
+
+
+@triton.jit
+def _ternary_scale_kernel(
+    acc_ptr, sx_ptr, s_ptr, b_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """``y [M, N] = acc * s * sx (+ bias)`` in fp32 (the GEMM kernel's epilogue, same order), in y's dtype."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
+    out = acc.to(tl.float32) * tl.load(s_ptr) * sx[:, None]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def ternary_unpack_triton(packed: Tensor, k: int) -> Tensor:
+    """int8 ``W [N, k]`` in {-1, 0, 1}: Triton version of ``unpack_bits(packed, 2)[:, :k] - 1``."""
+    n = packed.shape[0]
+    w = torch.empty((n, k), dtype=torch.int8, device=packed.device)
+    if w.numel():
+        grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
+        wrap_triton(_ternary_unpack_kernel)[grid](packed, w, n, k, packed.shape[1], packed.stride(0),
+                                                  BLOCK_N=32, BLOCK_K=128)  # fmt: skip
+    return w
+
+
+def _int_mm_takes(m: int, n: int, k: int) -> bool:
+    """torch._int_mm's shapes on CUDA: more than 16 rows, K >= 16 and K, N multiples of 8."""
+    return m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0
+
+
+@triton_op("quantframe::ternary_mm_dense", mutates_args=())
+def _ternary_mm_dense_op(
+    x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """int8 ``x_codes [M, K]`` (contiguous), fp32 ``sx [M]``; shapes checked by :func:`ternary_mm_dense`."""
+    m, k = x_codes.shape
+    n = packed.shape[0]
+    acc = torch._int_mm(x_codes, ternary_unpack_triton(packed, k).T)  # int32 [M, N]: exact sums
+    y = torch.empty((m, n), dtype=out_dtype, device=x_codes.device)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
+    wrap_triton(_ternary_scale_kernel)[grid](acc, sx, scale, bias if bias is not None else sx, y, m, n,
+                                             HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128)  # fmt: skip
+    return y
+
+
+def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The prefill path of :func:`ternary_mm_triton`: W unpacked once to int8 ``[N, K]`` (a transient
+    copy, 1 byte a weight), the INT8 x INT8 -> INT32 GEMM of ``torch._int_mm`` (cuBLAS on a GPU; exact
+    sums), then one Triton pass for the scales and bias. Same arguments and result as the GEMM kernel
+    (bit for bit: the same integer sums and epilogue); ValueError for shapes ``torch._int_mm`` does
+    not take (16 rows or fewer, K < 16, K or N not a multiple of 8)."""
+    _check_args(x, packed, scale, bias)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"ternary_mm_dense: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
+    k, n = x.shape[-1], packed.shape[0]
+    m = x.numel() // k if k else 0
+    if not _int_mm_takes(m, n, k):
+        raise ValueError(
+            f"ternary_mm_dense: M={m}, N={n}, K={k}; torch._int_mm needs M > 16, K >= 16 and K, N multiples of 8"
+        )
+    codes, sx = _quantize_tokens(x.reshape(-1, k))
+    y = torch.ops.quantframe.ternary_mm_dense(
+        codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
 @triton_op("quantframe::ternary_mm", mutates_args=())
 def _ternary_mm_op(
     x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
@@ -239,7 +325,9 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
 
 
 def ternary_mm(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``xq [..., K] @ Wq.T (+ bias)``: the Triton kernels on CUDA (fp32/fp16/bf16 x), else
+    """``xq [..., K] @ Wq.T (+ bias)``: on CUDA (fp32/fp16/bf16 x) the GEMV kernel up to
+    ``GEMV_MAX_ROWS`` rows, :func:`ternary_mm_dense` from ``DENSE_MIN_ROWS`` on where
+    ``torch._int_mm`` takes the shape, else the GEMM kernel (:func:`ternary_mm_triton`); elsewhere
     :func:`ternary_mm_reference` (same arguments and result up to summation order). Forward only.
 
     Example::
@@ -248,5 +336,8 @@ def ternary_mm(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = N
         y = ternary_mm(x, w.packed, w.scale, linear.bias)
     """
     if use_triton(x) and x.dtype in _FLOAT_DTYPES:
+        k = x.shape[-1]
+        if k and x.numel() // k >= DENSE_MIN_ROWS and _int_mm_takes(x.numel() // k, packed.shape[0], k):
+            return ternary_mm_dense(x, packed, scale, bias)
         return ternary_mm_triton(x, packed, scale, bias)
     return ternary_mm_reference(x, packed, scale, bias)

@@ -4,7 +4,15 @@ Triton (interpreter, CPU tensors) vs reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from quantframe.kernels.ternary_mm import ternary_mm, ternary_mm_reference, ternary_mm_triton
+import quantframe.kernels.ternary_mm as ternary_mm_module
+from quantframe import primitives as P
+from quantframe.kernels.ternary_mm import (
+    ternary_mm,
+    ternary_mm_dense,
+    ternary_mm_reference,
+    ternary_mm_triton,
+    ternary_unpack_triton,
+)
 
 from quantframe.testing import assert_close_at_scale
 from quantframe.ternary import TernaryWeight, quantize_activations_int8
@@ -57,6 +65,47 @@ def test_triton_takes_3d_input_and_empty_batch():
     x = torch.randn(2, 3, 40)
     torch.testing.assert_close(ternary_mm_triton(x, w.packed, w.scale), ternary_mm_reference(x, w.packed, w.scale))
     assert ternary_mm_triton(torch.randn(0, 40), w.packed, w.scale).shape == (0, 9)
+
+
+# ---- more rows: unpack once + torch._int_mm + one epilogue pass ---------------------------------
+@pytest.mark.parametrize("n, k", [(40, 72), (7, 66), (33, 260)])
+def test_unpack_triton_matches_unpack_bits(n, k):
+    w = _weight(n, k)
+    got = ternary_unpack_triton(w.packed, k)
+    assert got.dtype == torch.int8 and got.shape == (n, k)
+    assert torch.equal(got, P.unpack_bits(w.packed, 2)[:, :k].to(torch.int8) - 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_dense_equals_the_gemm_kernel(dtype, has_bias):
+    """Same integer sums (exact) and the same epilogue: bit for bit the Triton GEMM kernel's output."""
+    w, x = _weight(40, 72), torch.randn(3, 9, 72).to(dtype)
+    bias = torch.randn(40).to(dtype) if has_bias else None
+    y = ternary_mm_dense(x, w.packed, w.scale, bias)
+    assert y.shape == (3, 9, 40) and y.dtype == dtype
+    assert torch.equal(y, ternary_mm_triton(x, w.packed, w.scale, bias))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, ternary_mm_reference(x, w.packed, w.scale, bias), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m, n, k", [(16, 40, 72), (20, 36, 72), (20, 40, 66), (20, 40, 8)])
+def test_dense_rejects_shapes_int_mm_does_not_take(m, n, k):
+    w = _weight(n, k)
+    with pytest.raises(ValueError, match="torch._int_mm needs M > 16, K >= 16 and K, N multiples of 8"):
+        ternary_mm_dense(torch.randn(m, k), w.packed, w.scale)
+
+
+@pytest.mark.parametrize("m, n, k, path", [(16, 40, 72, "triton"), (17, 40, 72, "dense"), (17, 36, 72, "triton"),
+                                           (4096, 40, 72, "dense")])  # fmt: skip
+def test_dispatch_on_cuda_by_rows_and_shape(monkeypatch, m, n, k, path):
+    taken = []
+    monkeypatch.setattr(ternary_mm_module, "use_triton", lambda t: True)
+    for name in ("ternary_mm_triton", "ternary_mm_dense"):
+        monkeypatch.setattr(ternary_mm_module, name, lambda *a, name=name: taken.append(name.split("_")[-1]))
+    w = _weight(n, k)
+    ternary_mm(torch.randn(m, k), w.packed, w.scale)
+    assert taken == [path]
 
 
 def test_dispatch_uses_reference_on_cpu():
