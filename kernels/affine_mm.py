@@ -183,6 +183,26 @@ def _affine_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
+    if BLOCK_M == 1:
+        # One token: elementwise products accumulate in a [BLOCK_N, BLOCK_K] tile and are reduced
+        # across K once at the end, not once per tile (a cross-lane reduction per iteration).
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
+            w = _codes_minus_zero(
+                q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N,
+                BLOCK_K,
+            ).to(tl.float32)  # fmt: skip
+            rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            xv = tl.load(x_ptr + rk * stride_xk, mask=rk < K, other=0.0).to(tl.float32)  # zeros past K
+            if GROUP_SIZE != 0:
+                w = w * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+            acc1 += w * xv[None, :]
+        acc = tl.sum(acc1, axis=1)[:, None]  # [BLOCK_N, 1]
+        if GROUP_SIZE == 0:
+            acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
+        bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+        return
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE

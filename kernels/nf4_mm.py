@@ -185,6 +185,17 @@ def _nf4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
+    if BLOCK_M == 1:
+        # One token: products accumulate in a [BLOCK_N, BLOCK_K] tile, reduced across K once at the end.
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
+            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+            xv = tl.load(x_ptr + (k0 + tl.arange(0, BLOCK_K).to(tl.int64)) * stride_xk).to(tl.float32)
+            acc1 += (w * s[:, None]) * xv[None, :]
+        acc = tl.sum(acc1, axis=1)[:, None]  # [BLOCK_N, 1]
+        bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+        return
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)

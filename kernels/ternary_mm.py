@@ -141,6 +141,16 @@ def _ternary_gemv_kernel(
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n, mask_m = offs_n < N, offs_m < M
+    if BLOCK_M == 1:
+        # One token: products accumulate in a [BLOCK_N, BLOCK_K] tile, reduced across K once at the end.
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N, BLOCK_K).to(tl.int32)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            acc1 += w * tl.load(x_ptr + rk, mask=rk < K, other=0).to(tl.int32)[None, :]  # exact
+        acc = tl.sum(acc1, axis=1)[:, None]  # [BLOCK_N, 1]
+        _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+        return
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w = _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N, BLOCK_K).to(tl.int32)
