@@ -149,9 +149,13 @@ def weight_norm(w: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Te
 class _DoRALinearFn(torch.autograd.Function):
     """Forward and backward of :class:`DoRALinear` on 2-D ``x [M, K]``; the base gets no gradient.
 
-    Backward, with g = dy, c = m / ||.|| (1 for LoRA), gp = g * c, xa = x_lora @ A.T:
-        dB = s gp.T @ xa          dA = (s gp @ B).T @ x_lora     dm = sum_M(g * (x W.T + s xa B.T)) / ||.||
-        dx = gp @ W               dx_lora = (s gp @ B) @ A       db = sum_M(g)
+    With s = alpha / r, xa = x_lora @ A.T, pre = x W.T + s xa B.T and c = m / ||.|| (DoRA; LoRA: c = 1):
+    y = pre * c + b. The matmuls run in ``mm`` (the activation dtype when it is 16-bit, else fp32 /
+    fp64), one fused product each: the LoRA add is the ``addmm`` of the base output, and in backward
+    c is folded into the ``[N, K]`` weight and the ``[N, r]`` B instead of the ``[M, N]`` gradient:
+        dx = g @ (c W) + (g @ (s c B)) @ A        dA = (g @ (s c B)).T @ x_lora
+        dB = s c (g.T @ xa)                       dm = sum_M(g * pre) / ||.||       db = sum_M(g)
+    DoRA keeps ``pre`` (``[M, N]`` in ``mm``) for dm instead of recomputing the base matmul.
     """
 
     @staticmethod
@@ -161,46 +165,48 @@ class _DoRALinearFn(torch.autograd.Function):
         x_lora = x if x_lora is None else x_lora
         ctx.shared_input = x_lora is x
         w_norm, w = _base_weights(weight, acc, mm)  # [N, K] each
-        a, b = lora_A.to(acc), lora_B.to(acc)
-        xa = x_lora.to(acc) @ a.T  # [M, r]
-        pre = (x.to(mm) @ w.T).to(acc) + scaling * (xa @ b.T)  # [M, N]
+        xa = x_lora.to(mm) @ lora_A.to(mm).T  # [M, r]
+        pre = (x.to(mm) @ w.T).addmm_(xa, (scaling * lora_B.to(acc)).to(mm).T)  # [M, N]
         norm = None
         if use_dora:
             from quantframe.kernels.dora import dora_column_norm  # lazy: keeps `import quantframe` triton-free
 
-            # [N] each; fused on CUDA (B @ A never written); the norm is a constant for autograd
-            norm, scale = dora_column_norm(w_norm, a, b, magnitude, scaling)
-            pre = pre * scale
-        if bias is not None:
-            pre = pre + bias.to(acc)
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm)
+            # [N] each, fp32; fused on CUDA (B @ A never written); the norm is a constant for autograd
+            norm, scale = dora_column_norm(w_norm, lora_A.to(acc), lora_B.to(acc), magnitude, scaling)
+            out = pre.to(acc) * scale
+            out = out if bias is None else out + bias.to(acc)
+        else:
+            out = pre if bias is None else pre + bias.to(mm)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
         ctx.scaling, ctx.use_dora, ctx.bias_dtype = scaling, use_dora, None if bias is None else bias.dtype
-        return pre.to(x.dtype)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm = ctx.saved_tensors
+        x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre = ctx.saved_tensors
         s, acc, mm = ctx.scaling, _acc_dtype(x), _mm_dtype(x)
-        g = grad_out.to(acc)
-        a, b = lora_A.to(acc), lora_B.to(acc)
-        w = _base_weights(weight, acc, mm)[1]
-        gp = g * (magnitude.to(acc) / norm) if ctx.use_dora else g  # grad of the pre-scale output
-        gxa = s * (gp @ b)  # [M, r]
         need = ctx.needs_input_grad
-        dx = (gp.to(mm) @ w).to(acc) if need[0] else None
-        dx_lora = gxa @ a if need[0 if ctx.shared_input else 1] else None
-        if ctx.shared_input:
-            dx, dx_lora = None if dx is None else dx + dx_lora, None
+        g = grad_out.to(mm)
+        c = magnitude.to(acc) / norm if ctx.use_dora else None  # [N]
+        sc = s if c is None else s * c[:, None]  # the scale of B's rows
+        gxa = g @ (sc * lora_B.to(acc)).to(mm)  # [M, r] = (g * c) @ (s B)
+        dx = dx_lora = None
+        if need[0]:
+            w = _base_weights(weight, acc, mm)[1]
+            dx = g @ (w if c is None else (w.to(acc) * c[:, None]).to(mm))  # (g * c) @ W
+        if need[0 if ctx.shared_input else 1]:
+            a = lora_A.to(mm)
+            if ctx.shared_input:
+                dx = dx.addmm_(gxa, a)
+            else:
+                dx_lora = (gxa @ a).to(x_lora.dtype)
         dx = None if dx is None else dx.to(x.dtype)
-        dx_lora = None if dx_lora is None else dx_lora.to(x_lora.dtype)
-        db = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[3] else None
-        dA = (gxa.T @ x_lora.to(acc)).to(lora_A.dtype) if need[4] else None
-        dB = (s * (gp.T @ xa)).to(lora_B.dtype) if need[5] else None
+        db = grad_out.to(acc).sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[3] else None
+        dA = (gxa.T @ x_lora.to(mm)).to(lora_A.dtype) if need[4] else None
+        dB = ((g.T @ xa).to(acc) * sc).to(lora_B.dtype) if need[5] else None
         dm = None
         if ctx.use_dora and need[6]:
-            # recompute x W.T instead of saving the [M, N] pre-scale output
-            pre = (x.to(mm) @ w.T).to(acc) + s * (xa @ b.T)
-            dm = ((g * pre).sum(0) / norm).to(magnitude.dtype)
+            dm = ((g * pre).sum(0, dtype=acc) / norm).to(magnitude.dtype)
         return dx, dx_lora, None, db, dA, dB, dm, None, None
 
 
