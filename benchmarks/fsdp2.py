@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 # isort: split
 # sibling script (`python benchmarks/fsdp2.py` puts benchmarks/ on sys.path)
@@ -131,8 +132,6 @@ class Setup:
 
 def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The anchor model (seed 0, the same on every rank), prepared, blocks compiled, then sharded."""
-    from torch.distributed.fsdp import fully_shard
-
     sizes = {k: v for k, v in setup.sizes.items() if k != "seq"}
     model = anchor_model(setup.device, **sizes)
     if row.prepare is not None:
@@ -160,16 +159,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) ->
     opt.step()
     opt.zero_grad(set_to_none=True)
     loss = loss.detach()
-    if dist.is_initialized() and isinstance(model, _fsdp_module()):
+    if isinstance(model, FSDPModule):  # sharded: each rank saw its share of the batch
         dist.all_reduce(loss)
         loss /= dist.get_world_size()
     return loss
-
-
-def _fsdp_module():
-    from torch.distributed.fsdp import FSDPModule
-
-    return FSDPModule
 
 
 def _sync(device: torch.device) -> None:

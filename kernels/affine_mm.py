@@ -315,16 +315,19 @@ def _affine_mm_op(
 
 
 def _setup_context(ctx, inputs, output):
-    x, qdata, scale, zero_point, bits, _, bias = inputs
+    x, qdata, scale, zero_point, bits, group_size, bias = inputs
     ctx.save_for_backward(qdata, scale, zero_point)
-    ctx.bits, ctx.x_dtype, ctx.has_bias = bits, x.dtype, bias is not None
+    ctx.bits, ctx.group_size, ctx.x_dtype, ctx.has_bias = bits, group_size or None, x.dtype, bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad):
-    # Inference weights: gradients reach x (and bias), never the codes. grad_x = grad @ W, fp32.
+    # Inference weights: gradients reach x (and bias), never the codes. grad_x = grad @ W: on CUDA
+    # W dequantized once into grad's dtype (one pass, a 16-bit matmul); elsewhere fp32 math.
     qdata, scale, zero_point = ctx.saved_tensors
-    grad_x = (grad.float() @ _dequantize(qdata, scale, zero_point, ctx.bits)).to(ctx.x_dtype)
+    dtype = grad.dtype if grad.is_cuda else torch.float32
+    w = affine_dequantize(qdata, scale, zero_point, ctx.bits, ctx.group_size, dtype)
+    grad_x = (grad.to(dtype) @ w).to(ctx.x_dtype)
     grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
     return grad_x, None, None, None, None, None, grad_bias
 
@@ -417,22 +420,7 @@ def _(x, qdata, scale, zero_point, bits, group_size, bias):
     return x.new_empty(*x.shape[:-1], qdata.shape[0])
 
 
-def _dense_setup_context(ctx, inputs, output):
-    x, qdata, scale, zero_point, bits, group_size, bias = inputs
-    ctx.save_for_backward(qdata, scale, zero_point)
-    ctx.bits, ctx.group_size, ctx.x_dtype = bits, group_size, x.dtype
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _dense_backward(ctx, grad):
-    qdata, scale, zero_point = ctx.saved_tensors
-    w = affine_dequantize(qdata, scale, zero_point, ctx.bits, ctx.group_size or None, grad.dtype)
-    grad_x = (grad @ w).to(ctx.x_dtype)
-    grad_bias = grad.float().sum(tuple(range(grad.dim() - 1))).to(ctx.bias_dtype) if ctx.bias_dtype else None
-    return grad_x, None, None, None, None, None, grad_bias
-
-
-_affine_mm_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+_affine_mm_dense_op.register_autograd(_backward, setup_context=_setup_context)  # same arguments as affine_mm
 
 
 def affine_mm_dense(
@@ -448,7 +436,10 @@ def affine_mm_dense(
     ``[N, K]`` copy), then the dense matmul (cuBLAS on a GPU). Same arguments, result (to ``x.dtype``
     rounding of ``W``) and errors as :func:`affine_mm_reference`."""
     _check_args(x, qdata, scale, zero_point, bits, group_size, bias)
-    return torch.ops.quantframe.affine_mm_dense(x, qdata, scale, zero_point, bits, group_size or 0, bias)
+    y = torch.ops.quantframe.affine_mm_dense(
+        x.reshape(-1, x.shape[-1]), qdata, scale, zero_point, bits, group_size or 0, bias
+    )
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def affine_mm(

@@ -371,20 +371,7 @@ def _(x, codes, scale, levels, block_size, bias):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
-def _dense_setup_context(ctx, inputs, output):
-    _, codes, scale, levels, block_size, bias = inputs
-    ctx.save_for_backward(codes, scale, levels)
-    ctx.block_size, ctx.bias_dtype = block_size, bias.dtype if bias is not None else None
-
-
-def _dense_backward(ctx, grad):
-    codes, scale, levels = ctx.saved_tensors
-    grad_x = nf4_mm_grad_input(grad, codes, scale.reshape(-1), levels, ctx.block_size)
-    grad_bias = grad.float().sum(tuple(range(grad.dim() - 1))).to(ctx.bias_dtype) if ctx.bias_dtype else None
-    return grad_x, None, None, None, None, grad_bias
-
-
-_nf4_mm_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+_nf4_mm_dense_op.register_autograd(_backward, setup_context=_setup_context)  # nf4_mm's: same arguments
 
 
 def nf4_mm_dense(
@@ -394,7 +381,8 @@ def nf4_mm_dense(
     ``[N, K]`` copy), then the dense matmul (cuBLAS on a GPU). Same arguments, result (to ``x.dtype``
     rounding of ``W``) and errors as :func:`nf4_mm_reference`; differentiable with respect to x and bias."""
     _check_args(x, codes, scale, levels, block_size, bias, "nf4_mm_dense")
-    return torch.ops.quantframe.nf4_mm_dense(x, codes, scale, levels, block_size, bias)
+    y = torch.ops.quantframe.nf4_mm_dense(x.reshape(-1, x.shape[-1]), codes, scale, levels, block_size, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def nf4_mm(
