@@ -6,17 +6,21 @@ the input's features (columns of ``x [M, K]``) in two:
 * outlier columns, where any ``|x[m, k]| > threshold``: ``x[:, outl] @ dequant(W)[:, outl].T`` in
   fp32 (bitsandbytes does this part in fp16);
 * the rest: ``x`` quantized per row to int8 *with the outlier columns zeroed* (so they neither
-  count twice nor inflate its absmax), times the int8 weight with the same columns zeroed, on
-  the INT8 x INT8 -> INT32 GEMM (``int8_scaled_mm``), scales applied in its epilogue.
+  count twice nor inflate its absmax), times the int8 weight (its outlier columns meet those
+  zeros), on the INT8 x INT8 -> INT32 GEMM (``int8_scaled_mm``), scales applied in its epilogue.
 
 The two are summed in fp32, the bias is added once, and the result is rounded once to x's dtype.
+On CUDA the outlier part multiplies the int8 weight directly (``int8_weight_mm`` in x's 16-bit
+dtype, as bitsandbytes does in fp16), and for up to 16 rows (decode) both parts are one pass over
+W: the INT8-weight GEMV on ``where(outlier, x, x_q * sx)`` in fp32, equal to the sum of the two
+parts up to fp32 rounding.
 
 Outlier columns are data dependent. Gathering them (``x[:, outl]``) gives tensors of dynamic
 shape, which ``torch.compile(fullgraph=True)`` cannot trace without graph breaks; so both parts
 are written with the column *mask* instead: the INT8 part takes ``x.masked_fill(outl, 0)`` and
 ``qdata.masked_fill(outl, 0)``, the 16-bit part ``x.masked_fill(~outl, 0) @ dequant(W).T`` - the
-same sums (a zeroed column adds exact zeros), static shapes. The cost is a full-K float matmul
-for the outlier part on this reference path; a Triton kernel would gather the few columns.
+same sums (a zeroed column adds exact zeros), static shapes. The cost is a full-K matmul for the
+outlier part from 17 rows on; a kernel gathering the few columns would avoid it.
 
 Gradients: ``grad_input = grad_out @ dequant(W)`` (bitsandbytes' backward); the weight gets
 none (inference / frozen base); the bias, if it requires grad, gets ``grad_out.sum(0)``. An
@@ -105,15 +109,29 @@ class LLMInt8Weight(QuantTensor):
 
 
 # ---- linear --------------------------------------------------------------------------------------
+GEMV_MAX_ROWS = 16  # up to this many rows of x (decode), one weight-only GEMV reads W once on CUDA
+
+
 def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Tensor:
     """``x [M, K]`` (M >= 1) @ dequant(W).T with the outlier decomposition -> fp32 ``[M, N]``."""
-    from quantframe.kernels import int8_mm, int8_rowwise  # lazy: `import quantframe` stays triton-free
+    from quantframe import kernels  # lazy: `import quantframe` stays triton-free
+    from quantframe.kernels import int8_mm, int8_rowwise, int8_weight_mm
 
     outl = (x.abs() > threshold).any(0)  # [K] bool
     x_q, x_scale = int8_rowwise.quantize_rowwise_int8(x.masked_fill(outl, 0))
-    y = int8_mm.int8_scaled_mm(x_q, qdata.masked_fill(outl, 0), x_scale, scale, None, out_dtype=torch.float32)
-    w = P.dequantize_rowwise_int8(qdata, scale)  # fp32 [N, K]
-    return y + x.float().masked_fill(~outl, 0) @ w.T
+    on_gpu = kernels.use_triton(x)
+    if on_gpu and x.shape[0] <= GEMV_MAX_ROWS:
+        # Decode is bound by reading W: both parts in one pass over it. Column k of x is x_q * sx
+        # (the INT8 part's value, exact in fp32) or, in an outlier column, x itself; the fused
+        # INT8-weight kernel sums them in fp32: the two parts' sum up to fp32 rounding.
+        x_mixed = torch.where(outl, x.float(), x_q.float() * x_scale.reshape(-1, 1))
+        return int8_weight_mm.int8_weight_mm(x_mixed, qdata, scale)
+    # W's outlier columns meet zeros of x_q: the INT8 GEMM needs no masked copy of W
+    y = int8_mm.int8_scaled_mm(x_q, qdata, x_scale, scale, None, out_dtype=torch.float32)
+    x_out = x.masked_fill(~outl, 0)
+    if on_gpu:  # the outlier part on the int8 weight in x's 16-bit dtype (bitsandbytes: fp16)
+        return y + int8_weight_mm.int8_weight_mm(x_out, qdata, scale).float()
+    return y + x_out.float() @ P.dequantize_rowwise_int8(qdata, scale).T
 
 
 class _LLMInt8Linear(torch.autograd.Function):
