@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -141,18 +141,14 @@ class QuantTensorContract:
 
 
 # ---- FSDP2 on CPU: several gloo processes on this machine ------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank: int, scenarios: dict, port: int, out: str, world: int) -> None:
+def _distributed_worker(rank: int, scenarios: dict, store: str, out: str, world: int) -> None:
     import torch.distributed as dist
 
-    # A hung collective becomes an error after 60 s instead of gloo's default 30 min.
+    # Rendezvous through a file, not a TCP port: a port picked free here can be taken before the
+    # store binds it (another test's process, a socket in TIME_WAIT). A hung collective becomes an
+    # error after 60 s instead of gloo's default 30 min.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
         for name, scenario in scenarios.items():
@@ -172,7 +168,8 @@ def run_distributed(
     """
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(scenarios, _free_port(), str(out_dir), world), nprocs=world)
+    store = Path(out_dir) / f"rendezvous-{os.getpid()}-{time.time_ns()}"  # a new file for each spawn
+    mp.spawn(_distributed_worker, args=(scenarios, str(store), str(out_dir), world), nprocs=world)
     return {
         name: [torch.load(Path(out_dir) / f"{name}-rank{r}.pt", weights_only=True) for r in range(world)]
         for name in scenarios
