@@ -5,7 +5,9 @@
 per shape. Rows: bf16 ``F.linear``; torchao 0.17 (int8 weight-only, W8A8, NF4, int4 g128 on the
 tinygemm kernel; all under ``torch.compile``); bitsandbytes (LLM.int8 ``Linear8bitLt(threshold=6)``,
 NF4 ``Linear4bit``); gemlite (int8 and int4 g128 weight-only, W8A8; Triton, called as is); every
-quantframe format (int8 weight-only, int4 g128, W8A8, LLM.int8, NF4), eager and compiled.
+quantframe format (int8 weight-only, int4 g128, W8A8, LLM.int8, NF4), eager and compiled, and
+its fused Triton kernels called directly (int8, int4, NF4: the fused GEMM the dispatcher skips from
+17 rows on, to show that crossover).
 
 Each row is first checked against an fp32 reference ``x.float() @ W.float().T``: the relative
 error of the output norm must stay under its format's bound (``FORMATS``); a row over it is
@@ -39,6 +41,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +176,32 @@ def gemlite_linear(kind: str) -> Callable:
     return build
 
 
+def quantframe_fused(fmt: str) -> Callable:
+    """quantframe's fused Triton kernels called directly (GEMV up to 16 rows, the fused GEMM above),
+    past the dispatcher, which takes dequantize + cuBLAS from 17 rows on: the crossover its
+    ``DENSE_MIN_ROWS`` is set by (run with ``--m 17,64,256,1024,4096``)."""
+
+    def build(w):
+        import quantframe
+
+        factory, kwargs = _QF_FORMATS[fmt]
+        lin = _dense_linear(w)
+        quantframe.quantize_(lin, getattr(quantframe, factory)(**kwargs))
+        q = lin.weight
+        _check_quantized(q, f"quantframe.quantize_({factory})")
+        if fmt == "nf4":
+            from quantframe.kernels.nf4_mm import nf4_mm_triton
+            from quantframe.nf4 import _level_table
+
+            scales, levels = q.block_scales(), _level_table(q.device)  # once, as the layer's call does
+            return lambda x: nf4_mm_triton(x, q.codes, scales, levels, q.block_size)
+        from quantframe.kernels.affine_mm import affine_mm_triton
+
+        return lambda x: affine_mm_triton(x, q.qdata, q.scale, q.zero_point, q.bits, q.group_size)
+
+    return build
+
+
 _QF_FORMATS = {  # format: (factory, kwargs)
     "int8": ("int8_weight_only", {}),
     "int4 g128": ("int4_weight_only", {"group_size": 128}),
@@ -201,7 +230,9 @@ ROWS: dict[str, Row] = {
     "gemlite int4 g128 (A16W4 HQQ layout)": Row("int4 g128", gemlite_linear("int4"), "gemlite"),
     "gemlite W8A8 (A8W8 int8 dynamic)": Row("w8a8", gemlite_linear("w8a8"), "gemlite"),
     **_QF_ROWS,
-}
+    **{f"quantframe {fmt}, fused Triton kernels": Row(fmt, quantframe_fused(fmt), "quantframe")
+       for fmt in ("int8", "int4 g128", "nf4")},
+}  # fmt: skip
 PEERS = ("torchao", "bitsandbytes", "gemlite")
 
 
@@ -349,7 +380,8 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 
 def cpu_smoke(rows: dict[str, Row]) -> None:
-    """--cpu-smoke: the quantframe rows (and bf16) built and called on CPU, tiny shape, no timing."""
+    """--cpu-smoke: the quantframe rows (and bf16) built and called on CPU, tiny shape, no timing
+    (the fused-kernel rows need ``TRITON_INTERPRET=1``, set by ``main`` before any kernel import)."""
     rows = {name: row for name, row in rows.items() if row.peer in (None, "quantframe")}
     n, k = 256, 512  # K a multiple of 128 (int4 groups); N * K a multiple of 64 * 256 (NF4 scaler blocks)
     results = run_shape(n, k, [1, 16], rows, "cpu", timer=None)
@@ -388,6 +420,10 @@ def main(argv=None):
     wanted = [w for w in args.only.split("|") if w]
     rows = {name: row for name, row in ROWS.items() if not wanted or any(w in name for w in wanted)}
     if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors for the fused-kernel rows
+        from quantframe.testing import patch_interpreter_loop_bounds
+
+        patch_interpreter_loop_bounds()
         return cpu_smoke(rows)
     if not torch.cuda.is_available():
         raise SystemExit("linear_latency.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -140,6 +141,31 @@ class QuantTensorContract:
             torch.cos(q)
 
 
+# ---- Triton's interpreter ----------------------------------------------------------------------
+def patch_interpreter_loop_bounds() -> Callable[[], None] | None:
+    """numpy >= 2.4 refuses ``int()`` of a 1-element array, which the Triton 3.6 interpreter does for
+    a runtime loop bound (``range(0, K, BLOCK_K)``): triton-lang/triton#9171. Applies the upstream
+    fix (``reshape(())`` first) and returns the undo; None where numpy does not need it. Remove once
+    the pinned triton ships the fix."""
+    import numpy as np
+    import triton.runtime.interpreter as interpreter
+
+    if np.lib.NumpyVersion(np.__version__) < "2.4.0":
+        return None
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patched
+
+    def undo() -> None:
+        interpreter._patch_lang_tensor = original
+
+    return undo
+
+
 # ---- FSDP2 on CPU: several gloo processes on this machine ------------------------------------
 def _distributed_worker(rank: int, scenarios: dict, store: str, out: str, world: int) -> None:
     import torch.distributed as dist
@@ -155,6 +181,12 @@ def _distributed_worker(rank: int, scenarios: dict, store: str, out: str, world:
             torch.save(scenario(rank, out), os.path.join(out, f"{name}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Every result is on disk. Leave without running C++ static destructors: on torch 2.13 a
+    # worker's teardown now and then aborts ("terminate called without an active exception",
+    # SIGABRT), which mp.spawn would report as a failed run. An exception above still propagates.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(
