@@ -17,6 +17,7 @@ loss went in those steps, so a match is not a loss that did not move).
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --json   # writes benchmarks/results/fsdp2_<gpu>_x2.json
     python benchmarks/fsdp2.py                                # one process = one GPU
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --cpu-smoke   # gloo, tiny model, eager, checks only
+    torchrun --nproc-per-node 2 benchmarks/fsdp2.py --only "int8 QT" --check-steps 0 --profile --trace-dir $OUT
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class Setup:
     warmup: int
     check_steps: int
     profile: bool = False
+    trace_dir: str | None = None  # with profile: rank 0 writes each row's step as a gzipped Chrome trace
 
 
 def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -207,7 +209,8 @@ def run_row(name: str, row: Row, setup: Setup) -> dict:
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the step takes as long as the slowest rank
         counts.reset()
         if setup.profile and rank == 0:
-            result["top"] = _profiled(lambda: train_step(model, opt, x), setup.device)
+            trace = None if setup.trace_dir is None else Path(setup.trace_dir) / f"trace_{_slug(name)}.json.gz"
+            result["top"] = _profiled(lambda: train_step(model, opt, x), setup.device, trace)
         else:
             train_step(model, opt, x)
         _sync(setup.device)
@@ -235,15 +238,30 @@ def run_row(name: str, row: Row, setup: Setup) -> dict:
     return result
 
 
-def _profiled(step: Callable[[], object], device: torch.device, n: int = 10) -> dict:
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
+
+
+def _profiled(step: Callable[[], object], device: torch.device, trace: Path | None = None, n: int = 10) -> dict:
     """One step under the profiler: the n ops with the most host (self CPU) time, the n kernels with
-    the most GPU time, and the step's summed kernel time."""
+    the most GPU time, and the step's summed kernel time; ``trace``: also the whole timeline, a
+    gzipped Chrome trace (chrome://tracing, Perfetto), to see what the host waits on."""
+    import gzip
+    import shutil
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
         _sync(device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+            prof.export_chrome_trace(raw.name)
+            with open(raw.name, "rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     events = prof.key_averages()
     cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]
     gpu = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
@@ -301,6 +319,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--check-steps", type=int, default=3, help="steps compared with the unsharded run (0: none)")
     parser.add_argument("--only", default="", help="'|'-separated substrings: run only the rows matching one")
     parser.add_argument("--profile", action="store_true", help="print rank 0's top host ops and GPU kernels of a step")
+    parser.add_argument("--trace-dir", default=None, help="with --profile: each row's step as a gzipped Chrome trace")
     parser.add_argument("--no-compile", action="store_true", help="eager blocks")
     parser.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny model, eager, 2 steps")
     args = parser.parse_args(argv)
@@ -318,7 +337,7 @@ def main(argv=None) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     if BATCH % world:
         raise SystemExit(f"the global batch ({BATCH}) must split evenly over {world} ranks")
-    setup = Setup(device, sizes, compiled, args.steps, args.warmup, args.check_steps, args.profile)
+    setup = Setup(device, sizes, compiled, args.steps, args.warmup, args.check_steps, args.profile, args.trace_dir)
     try:
         import triton
 
