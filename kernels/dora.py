@@ -6,6 +6,9 @@ the kernel instead forms each ``[BLOCK_N, BLOCK_K]`` tile of ``B @ A`` in regist
 ``tl.dot``), adds the base tile, accumulates squares in fp32, and writes only ``[N]`` vectors.
 The base comes in dense (the caller dequantizes it); reading NF4/int codes directly is left to a
 later flag.
+
+``dora_scale_bias`` is the layer's output epilogue, ``y = pre * scale + bias`` for the ``[M, N]``
+pre-scale output: one pass in fp32 (eager PyTorch makes four: upcast, multiply, add, downcast).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from torch.library import triton_op, wrap_triton
 
 from . import use_triton
 
-__all__ = ["dora_column_norm", "dora_column_norm_reference", "dora_column_norm_triton"]
+__all__ = [
+    "dora_column_norm",
+    "dora_column_norm_reference",
+    "dora_column_norm_triton",
+    "dora_scale_bias",
+    "dora_scale_bias_reference",
+    "dora_scale_bias_triton",
+]
 
 _MAX_RANK = 64  # B @ A tiles keep all r columns of B in registers
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -139,3 +149,55 @@ def dora_column_norm(
     if use_triton(w) and lora_A.shape[0] <= _MAX_RANK and w.dtype != torch.float64:
         return dora_column_norm_triton(w, lora_A, lora_B, magnitude, scaling)
     return dora_column_norm_reference(w, lora_A, lora_B, magnitude, scaling)
+
+
+# ---- the output epilogue ---------------------------------------------------------------------
+def dora_scale_bias_reference(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``pre [M, N] * scale [N] (+ bias [N])`` in fp32 (fp64 for fp64 ``pre``), one rounding to ``out_dtype``."""
+    acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
+    out = pre.to(acc) * scale.to(acc)
+    return (out if bias is None else out + bias.to(acc)).to(out_dtype)
+
+
+@triton.jit
+def _dora_scale_bias_kernel(
+    pre_ptr, s_ptr, b_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    out = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr + cols, mask=col_ok)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("quantframe::dora_scale_bias", mutates_args=())
+def _dora_scale_bias_op(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Contiguous ``pre [M, N]``, fp32 ``scale [N]``; checked by :func:`dora_scale_bias_triton`."""
+    m, n = pre.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=pre.device)
+    if y.numel():
+        grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
+        wrap_triton(_dora_scale_bias_kernel)[grid](pre, scale, bias if bias is not None else scale, y, m, n,
+                                                   HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=256)  # fmt: skip
+    return y
+
+
+def dora_scale_bias_triton(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Triton version of :func:`dora_scale_bias_reference` for fp32/fp16/bf16 ``pre`` (one pass)."""
+    if pre.dim() != 2 or scale.shape != (pre.shape[1],) or (bias is not None and bias.shape != scale.shape):
+        got = (tuple(pre.shape), tuple(scale.shape), None if bias is None else tuple(bias.shape))
+        raise ValueError(f"dora_scale_bias: expected pre [M, N], scale [N], bias [N] or None, got shapes {got}")
+    if pre.dtype not in _FLOAT_DTYPES[:3]:
+        raise TypeError(f"dora_scale_bias_triton: pre.dtype={pre.dtype}, expected float32, float16 or bfloat16")
+    return torch.ops.quantframe.dora_scale_bias(pre.contiguous(), scale.float().contiguous(), bias, out_dtype)
+
+
+def dora_scale_bias(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``pre * scale (+ bias)`` -> ``out_dtype``: one Triton pass on CUDA (not fp64), else the reference."""
+    if use_triton(pre) and pre.dtype != torch.float64:
+        return dora_scale_bias_triton(pre, scale, bias, out_dtype)
+    return dora_scale_bias_reference(pre, scale, bias, out_dtype)

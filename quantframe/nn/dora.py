@@ -169,12 +169,12 @@ class _DoRALinearFn(torch.autograd.Function):
         pre = (x.to(mm) @ w.T).addmm_(xa, (scaling * lora_B.to(acc)).to(mm).T)  # [M, N]
         norm = None
         if use_dora:
-            from quantframe.kernels.dora import dora_column_norm  # lazy: keeps `import quantframe` triton-free
+            # lazy: keeps `import quantframe` triton-free
+            from quantframe.kernels.dora import dora_column_norm, dora_scale_bias
 
             # [N] each, fp32; fused on CUDA (B @ A never written); the norm is a constant for autograd
             norm, scale = dora_column_norm(w_norm, lora_A.to(acc), lora_B.to(acc), magnitude, scaling)
-            out = pre.to(acc) * scale
-            out = out if bias is None else out + bias.to(acc)
+            out = dora_scale_bias(pre, scale, bias, x.dtype)  # fp32 math, one pass on CUDA
         else:
             out = pre if bias is None else pre + bias.to(mm)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
