@@ -217,6 +217,45 @@ def _ternary_gemm_kernel(
     _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
+# ---- per-token activation quantization: one launch (eager torch ops make ~8 small ones) --------
+@triton.jit
+def _quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Row ``pid`` of x: ``sx = max(absmax, 1e-5) / 127``, ``codes = round_half_even(x / sx)`` (the ops
+    of :func:`_quantize_tokens`, IEEE division: bit for bit)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
+    sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
+    tl.store(s_ptr + row, sx)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs
+        v = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        c = (tl.math.div_rn(v, sx) + 12582912.0) - 12582912.0  # + 1.5 * 2**23: rounds half to even
+        tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(c, -128.0), 127.0).to(tl.int8), mask=cols < K)
+
+
+@triton_op("quantframe::ternary_quantize_tokens", mutates_args=())
+def _quantize_tokens_op(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """``x2d [M, K]`` with unit column stride -> int8 codes ``[M, K]`` (contiguous), fp32 ``sx [M, 1]``."""
+    m, k = x2d.shape
+    codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    sx = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    if m and k:
+        block_k = min(4096, triton.next_power_of_2(k))
+        wrap_triton(_quantize_tokens_kernel)[(m,)](x2d, codes, sx, k, x2d.stride(0), BLOCK_K=block_k,
+                                                   num_warps=4 if block_k <= 1024 else 8)  # fmt: skip
+    return codes, sx
+
+
+def _quantize_tokens_triton(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`_quantize_tokens` (bit for bit), one launch."""
+    return torch.ops.quantframe.ternary_quantize_tokens(x2d if x2d.stride(-1) == 1 else x2d.contiguous())
+
+
 # ---- more rows: unpack W to int8 once, cuBLAS's INT8 GEMM (torch._int_mm), one epilogue pass ----
 @triton.jit
 def _ternary_unpack_kernel(p_ptr, w_ptr, N, K, KB, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -292,7 +331,7 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
         raise ValueError(
             f"ternary_mm_dense: M={m}, N={n}, K={k}; torch._int_mm needs M > 16, K >= 16 and K, N multiples of 8"
         )
-    codes, sx = _quantize_tokens(x.reshape(-1, k))
+    codes, sx = _quantize_tokens_triton(x.reshape(-1, k))
     y = torch.ops.quantframe.ternary_mm_dense(
         codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
     )
@@ -327,7 +366,7 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"ternary_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
     k = x.shape[-1]
-    codes, sx = _quantize_tokens(x.reshape(-1, k))
+    codes, sx = _quantize_tokens_triton(x.reshape(-1, k))
     y = torch.ops.quantframe.ternary_mm(
         codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
     )

@@ -146,3 +146,24 @@ def test_triton_matches_reference_on_cuda(m):
     # not bit-exact: inductor's fp32 division in the activation quantization is approximate on
     # NVIDIA GPUs and flips a few codes at rounding ties (seen on an H100: 1-ulp output changes)
     assert_close_at_scale(compiled(x, w.packed, w.scale), y_ref, rel=1e-2, min_sqnr=45)
+
+
+# ---- per-token activation quantization in one launch -----------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("m, k", [(1, 64), (5, 66), (3, 5000)])  # 5000: two 4096-wide passes per row
+def test_quantize_tokens_triton_is_bit_exact(m, k, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    x[0, :4] = torch.tensor([0.5, -1.5, 2.5, 127.0]).to(dtype) * (x[0].abs().max() / 127)  # near ties
+    if m > 1:
+        x[1] = 0  # an all-zero row: the 1e-5 floor of the scale
+    codes, sx = ternary_mm_module._quantize_tokens_triton(x)
+    ref_codes, ref_sx = ternary_mm_module._quantize_tokens(x)
+    assert codes.dtype == torch.int8 and sx.shape == (m, 1)
+    assert torch.equal(sx, ref_sx) and torch.equal(codes, ref_codes)
+
+
+def test_quantize_tokens_triton_takes_a_strided_row_view():
+    x = torch.randn(4, 130)[:, 1:129]  # row stride 130, unit column stride
+    codes, sx = ternary_mm_module._quantize_tokens_triton(x)
+    ref_codes, ref_sx = ternary_mm_module._quantize_tokens(x)
+    assert torch.equal(codes, ref_codes) and torch.equal(sx, ref_sx)
