@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
+from quantframe.kernels import int8_mm
+from quantframe.kernels.int8_mm import int8_scaled_mm_reference
 from torch import nn
 
 from quantframe import primitives as P
 from quantframe.api import quantize_
-from quantframe.kernels import int8_mm
-from quantframe.kernels.int8_mm import int8_scaled_mm_reference
 from quantframe.llm_int8 import LLMInt8Config, LLMInt8Weight, llm_int8
 from quantframe.testing import QuantTensorContract, assert_close_at_scale, sqnr
 
@@ -187,6 +187,7 @@ def test_cuda_paths_equal_the_decomposition(monkeypatch, m):
     part on the int8 weight above), run here with the kernels' CPU references: the decomposition's
     result, up to fp32 rounding (16-bit x: the outlier part rounded to x's dtype above 16 rows)."""
     import quantframe.kernels
+
     from quantframe.llm_int8 import llm_int8_mm
 
     w = LLMInt8Weight.from_float(torch.randn(32, 64), threshold=6.0)

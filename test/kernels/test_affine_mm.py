@@ -4,8 +4,8 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 """
 
 import pytest
-import torch
 import quantframe.kernels.affine_mm as affine_mm_module
+import torch
 from quantframe.kernels.affine_mm import (
     affine_dequantize,
     affine_dequantize_triton,
@@ -16,7 +16,6 @@ from quantframe.kernels.affine_mm import (
 )
 
 from quantframe import primitives as P
-from quantframe.testing import assert_close_at_scale
 from quantframe.testing import assert_close_at_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -174,7 +173,8 @@ def test_dense_compiles_fullgraph_as_one_opaque_op():
     qdata, scale, zero_point = _weight(24, 128, 4, 32, False)
     x = torch.randn(20, 128)
     compiled = torch.compile(affine_mm_dense, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(x, qdata, scale, zero_point, 4, 32), affine_mm_dense(x, qdata, scale, zero_point, 4, 32))
+    args = (x, qdata, scale, zero_point, 4, 32)
+    assert torch.equal(compiled(*args), affine_mm_dense(*args))
 
 
 @pytest.mark.parametrize("m, path", [(1, "triton"), (16, "triton"), (17, "dense"), (4096, "dense")])
@@ -225,20 +225,19 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [affine_mm_reference, affine_mm_triton], ids=["reference", "triton"])
+def _valid_args() -> dict:
+    """A valid call of every affine_mm variant (x [5, 64], int4 g32 weight [7, 64]) to spoil one argument of."""
+    return {"x": torch.randn(5, 64), "qdata": _Q4, "scale": _S, "zero_point": _Z, "bits": 4, "group_size": 32,
+            "bias": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "impl", [affine_mm_reference, affine_mm_triton, affine_mm_dense], ids=["reference", "triton", "dense"]
+)
 @pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
 def test_bad_input_raises(impl, kwargs, exc, match):
-    args = {
-        "x": torch.randn(5, 64),
-        "qdata": _Q4,
-        "scale": _S,
-        "zero_point": _Z,
-        "bits": 4,
-        "group_size": 32,
-        "bias": None,
-    } | kwargs
     with pytest.raises(exc, match=match):
-        impl(**args)
+        impl(**(_valid_args() | kwargs))
 
 
 KERNEL_ONLY = [
@@ -249,15 +248,7 @@ KERNEL_ONLY = [
 
 @pytest.mark.parametrize("kwargs, exc, match", KERNEL_ONLY)
 def test_triton_rejects_what_only_the_reference_takes(kwargs, exc, match):
-    args = {
-        "x": torch.randn(5, 64),
-        "qdata": _Q4,
-        "scale": _S,
-        "zero_point": _Z,
-        "bits": 4,
-        "group_size": 32,
-        "bias": None,
-    } | kwargs
+    args = _valid_args() | kwargs
     with pytest.raises(exc, match=match):
         affine_mm_triton(**args)
     affine_mm_reference(**args)  # valid there

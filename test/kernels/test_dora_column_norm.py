@@ -5,7 +5,6 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 
 import pytest
 import torch
-
 from quantframe.kernels.dora import (
     dora_column_norm,
     dora_column_norm_reference,
@@ -66,6 +65,7 @@ def test_errors():
 
 def test_doralinear_through_triton_matches_reference(monkeypatch):
     from quantframe.kernels import dora as dora_kernels
+
     from quantframe.nn import DoRALinear
 
     layer = DoRALinear(torch.randn(33, 40), torch.randn(33), rank=4, alpha=8)

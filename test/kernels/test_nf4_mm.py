@@ -4,9 +4,9 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 """
 
 import pytest
+import quantframe.kernels.nf4_mm as nf4_mm_module
 import torch
 import torch.nn.functional as F
-import quantframe.kernels.nf4_mm as nf4_mm_module
 from quantframe.kernels.nf4_mm import (
     nf4_dequantize,
     nf4_dequantize_triton,
@@ -227,7 +227,9 @@ BAD_INPUTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("impl", [nf4_mm_reference, nf4_mm_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize(
+    "impl", [nf4_mm_reference, nf4_mm_triton, nf4_mm_dense], ids=["reference", "triton", "dense"]
+)
 @pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
 def test_bad_input_raises(impl, kwargs, exc, match):
     args = {"x": torch.randn(5, 64), "codes": _C, "scale": _S, "levels": LEVELS, "block_size": 32, "bias": None}

@@ -2,10 +2,9 @@
 Triton (interpreter, CPU tensors) vs reference."""
 
 import pytest
+import quantframe.kernels.ternary_mm as ternary_mm_module
 import torch
 import torch.nn.functional as F
-import quantframe.kernels.ternary_mm as ternary_mm_module
-from quantframe import primitives as P
 from quantframe.kernels.ternary_mm import (
     ternary_mm,
     ternary_mm_dense,
@@ -14,8 +13,9 @@ from quantframe.kernels.ternary_mm import (
     ternary_unpack_triton,
 )
 
-from quantframe.testing import assert_close_at_scale
+from quantframe import primitives as P
 from quantframe.ternary import TernaryWeight, quantize_activations_int8
+from quantframe.testing import assert_close_at_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Integer products are exact on both sides; the fp32 sums differ in order and may flip the last
@@ -124,7 +124,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [ternary_mm_reference, ternary_mm_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize(
+    "impl", [ternary_mm_reference, ternary_mm_triton, ternary_mm_dense], ids=["reference", "triton", "dense"]
+)
 @pytest.mark.parametrize("kwargs, exc, match", BAD_INPUTS)
 def test_bad_input_raises(impl, kwargs, exc, match):
     with pytest.raises(exc, match=match):
