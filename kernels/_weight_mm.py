@@ -21,9 +21,10 @@ from torch.library import wrap_triton
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
 # From this many rows on, the dispatchers (affine_mm, nf4_mm) dequantize W once and call the dense
-# matmul: on an H100 the fused GEMM kernels took 6.3 ms (int4 g128) and 11.1 ms (NF4) at
-# M=4096, N=14336, K=4096, against 0.63 ms for bf16 (docs/results.md), and 0.34 ms (int4) at
-# M=16 in the GEMV; one dequantizing pass writes 2 bytes a weight (~40 us there).
+# matmul, and ternary_mm unpacks W to int8 once for torch._int_mm: on an H100 the fused GEMM
+# kernels took 6.3 ms (int4 g128), 11.1 ms (NF4) and 3.4-3.7 ms (ternary) at M=4096, N=14336,
+# K=4096, against 0.63 ms for bf16 (docs/results.md), and 0.34 ms (int4) at M=16 in the GEMV;
+# one dequantizing pass writes 2 bytes a weight (~40 us there).
 DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90

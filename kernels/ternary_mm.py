@@ -30,15 +30,11 @@ from torch.library import triton_op, wrap_triton
 from quantframe import primitives as P
 
 from . import use_triton
+from ._weight_mm import DENSE_MIN_ROWS, GEMV_MAX_ROWS, rows  # the dispatch by rows of the weight families
 
 __all__ = ["ternary_mm", "ternary_mm_dense", "ternary_mm_reference", "ternary_mm_triton", "ternary_unpack_triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GEMV_MAX_ROWS = 16
-# From this many rows on (where torch._int_mm takes the shape), ternary_mm unpacks W once and runs
-# cuBLAS's INT8 GEMM: the Triton GEMM kernel took 3.4-3.7 ms at M=4096, N=14336, K=4096 on an H100
-# (bf16 F.linear 0.64 ms; docs/results.md).
-DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 
 def _check_args(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> None:
@@ -325,8 +321,7 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     _check_args(x, packed, scale, bias)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"ternary_mm_dense: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
-    k, n = x.shape[-1], packed.shape[0]
-    m = x.numel() // k if k else 0
+    k, n, m = x.shape[-1], packed.shape[0], rows(x)
     if not _int_mm_takes(m, n, k):
         raise ValueError(
             f"ternary_mm_dense: M={m}, N={n}, K={k}; torch._int_mm needs M > 16, K >= 16 and K, N multiples of 8"
@@ -385,8 +380,8 @@ def ternary_mm(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = N
         y = ternary_mm(x, w.packed, w.scale, linear.bias)
     """
     if use_triton(x) and x.dtype in _FLOAT_DTYPES:
-        k = x.shape[-1]
-        if k and x.numel() // k >= DENSE_MIN_ROWS and _int_mm_takes(x.numel() // k, packed.shape[0], k):
+        m = rows(x)
+        if m >= DENSE_MIN_ROWS and _int_mm_takes(m, packed.shape[0], x.shape[-1]):
             return ternary_mm_dense(x, packed, scale, bias)
         return ternary_mm_triton(x, packed, scale, bias)
     return ternary_mm_reference(x, packed, scale, bias)

@@ -107,10 +107,8 @@ def _base_weights(weight: Tensor, acc: torch.dtype, mm: torch.dtype) -> tuple[Te
     """``(W for the row norm, W for the matmuls)``: a dense base as it is (the norm kernel reads any
     float dtype in fp32); a quantized one dequantized once in ``acc``, so the norm is the one
     :func:`weight_norm` gives (scale exactly 1 at init), then cast to ``mm`` for the matmuls."""
-    if isinstance(weight, QuantTensor):
-        w = weight.dequantize(acc)
-        return w, w.to(mm)
-    return weight, weight.to(mm)
+    w = _dense(weight, acc) if isinstance(weight, QuantTensor) else weight
+    return w, w.to(mm)
 
 
 def _dense(w: Tensor, dtype: torch.dtype) -> Tensor:
