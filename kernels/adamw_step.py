@@ -167,7 +167,7 @@ def _write_state(x: Tensor, out: Tensor, absmax: Tensor | None, qmap: Tensor | N
 
 # ---- Triton --------------------------------------------------------------------------------------
 @triton.jit
-def _nearest_code(x, mid_ptr):
+def _nearest_code_search(x, mid_ptr):
     """Index of the nearest code: how many of the 255 midpoints between codes are < x.
 
     Branchless binary search over the midpoint table (``(q[1:] + q[:-1]) / 2``, as torch's
@@ -179,6 +179,51 @@ def _nearest_code(x, mid_ptr):
         mid = tl.load(mid_ptr + pos + ((128 >> i) - 1))
         pos = tl.where(mid < x, pos + (128 >> i), pos)
     return pos
+
+
+@triton.jit
+def _nearest_code_dynamic(x, mid_ptr, SIGNED: tl.constexpr):
+    """:func:`_nearest_code_search` for the dynamic map (``create_dynamic_map``), without the search.
+
+    The map's layout gives a candidate within one of the answer: the decade ``d`` of ``|x|`` (``|x|``
+    in ``[0.1, 1) * 10**(d - 6)``, by comparisons) and the piece ``j`` of that decade it falls in
+    (``P = 2**d`` equal pieces, ``2**(d + 1)`` unsigned; the code of a piece is its midpoint, so
+    code boundaries are piece boundaries); rounding near a boundary moves it by at most one, which
+    one compare with each neighbouring midpoint settles. Two loads (in parallel) instead of eight
+    dependent ones: the 8-bit step was bound by those table reads (556 GB/s on H100).
+    """
+    a = tl.abs(x)
+    lo = tl.zeros(x.shape, dtype=tl.float32)  # decade start 10**(d - 7); 0 below the first decade
+    inv_w = tl.zeros(x.shape, dtype=tl.float32)  # pieces per unit: P / (0.9 * 10**(d - 6))
+    pieces = tl.zeros(x.shape, dtype=tl.float32)
+    for d in tl.static_range(7):
+        start = 10.0 ** (d - 7)
+        p = 2.0 ** d if SIGNED else 2.0 ** (d + 1)
+        above = a >= start
+        lo = tl.where(above, start, lo)
+        pieces = tl.where(above, p, pieces)
+        inv_w = tl.where(above, p / (9.0 * start), inv_w)
+    j = tl.minimum(tl.maximum(tl.floor((a - lo) * inv_w), 0.0), tl.maximum(pieces - 1.0, 0.0))
+    if SIGNED:  # sorted codes: -1, negatives (decades 6..0), 0, positives (decades 1..6), 1
+        cand = tl.where(x >= 0, 127.0 + pieces + j, 128.0 - pieces - j)
+        cand = tl.where(pieces == 0, 128.0, cand)
+        cand = tl.where(a >= 1.0, tl.where(x > 0, 255.0, 0.0), cand)
+    else:  # sorted codes: 0, decades 0..6, 1
+        cand = tl.where(pieces == 0, 0.0, pieces - 1.0 + j)
+        cand = tl.where(a >= 1.0, 255.0, cand)
+    c = cand.to(tl.int32)
+    above_hi = tl.load(mid_ptr + tl.minimum(c, 254)) < x  # midpoint c separates codes c and c + 1
+    below_lo = tl.load(mid_ptr + tl.maximum(c - 1, 0)) >= x
+    return c + tl.where((c < 255) & above_hi, 1, 0) - tl.where((c > 0) & below_lo, 1, 0)
+
+
+@triton.jit
+def _nearest_code(x, mid_ptr, MAP: tl.constexpr):
+    """MAP: 0 any sorted map (binary search), 1 / 2 the signed / unsigned dynamic map."""
+    if MAP == 0:
+        return _nearest_code_search(x, mid_ptr)
+    else:
+        return _nearest_code_dynamic(x, mid_ptr, MAP == 1)
 
 
 @triton.jit
@@ -219,11 +264,11 @@ def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, ro
 
 
 @triton.jit
-def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr):
+def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr, MAP: tl.constexpr):
     if STATE_8BIT:
         absmax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)[:, None]  # one per state block
         tl.store(absmax_ptr + blk, absmax, mask=bmask)
-        tl.store(ptr + idx, _nearest_code(x / absmax, mid_ptr).to(tl.uint8), mask=mask)
+        tl.store(ptr + idx, _nearest_code(x / absmax, mid_ptr, MAP).to(tl.uint8), mask=mask)
     elif ptr.dtype.element_ty == tl.bfloat16:  # rounded to nearest (even), as torch's bf16 moments
         tl.store(ptr + idx, _round_to_bf16(x).to(tl.bfloat16), mask=mask)
     else:
@@ -242,7 +287,8 @@ def _uniform(seed, idx, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
-                 mmid_ptr, vmid_ptr, seed, STATE_8BIT: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 mmid_ptr, vmid_ptr, seed, STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,
+                 HAS_NOISE: tl.constexpr,
                  BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
     x = p / new_scale
     if HAS_NOISE:
@@ -253,8 +299,8 @@ def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
     tl.store(q_ptr + idx, x.to(tl.int8), mask=mask)
-    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT)
-    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT)
+    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_M)
+    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V)
 
 
 # A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
@@ -267,7 +313,8 @@ def _adamw_step_kernel(
     mmid_ptr, vmid_ptr,  # 8-bit only: the maps' 255 midpoints (nearest-code search)
     noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
-    STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
+    STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,  # MAP_*: see _nearest_code
+    MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
     BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
@@ -283,7 +330,7 @@ def _adamw_step_kernel(
         absmax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
         new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
         _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
-                     mmid_ptr, vmid_ptr, seed, STATE_8BIT, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
+                     mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
         acc = tl.zeros((BLOCK_B, QBLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_B * QBLOCK):
@@ -297,11 +344,36 @@ def _adamw_step_kernel(
                 q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
             _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
-                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
+                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     tl.store(s_ptr + row, new_scale)
 
 
-# triton_op + wrap_triton let torch.compile trace into the kernel (e.g. a compiled optimizer step).
+def _launch(kernel, int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
+            maps, mids, map_kinds, noise, scalars, seed, maximize) -> None:  # fmt: skip
+    n, k = int_data.shape
+    if n == 0 or k == 0:
+        return
+    is_8bit = exp_avg_scale is not None
+    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
+        qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
+    else:
+        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
+        maps = mids = (scale, scale)  # dummy pointers: the kernel reads no map
+    absmaxes = (exp_avg_scale, exp_avg_sq_scale) if is_8bit else (scale, scale)
+    kernel[(n,)](
+        int_data, scale, grad, exp_avg, exp_avg_sq, *absmaxes, *maps, *mids,
+        noise if noise is not None else scale,  # a dummy pointer when the kernel reads no noise
+        k, seed, *scalars,
+        STATE_8BIT=is_8bit, MAP_M=map_kinds[0], MAP_V=map_kinds[1], MAXIMIZE=maximize, HAS_NOISE=noise is not None,
+        ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
+        # ~8 elements per thread (see _MAX_BLOCK_K)
+        num_warps=min(16, max(4, block_b * qblock // 256)),
+    )  # fmt: skip
+
+
+# triton_op + wrap_triton let torch.compile trace into the kernel (e.g. a compiled optimizer step);
+# eager calls launch it directly (adamw_step_triton): the op's dispatch cost ~30 us of host time a
+# weight, which an optimizer step pays once per parameter.
 @triton_op(
     "quantframe::adamw_step",
     mutates_args={"int_data", "scale", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"},
@@ -311,28 +383,31 @@ def _adamw_step_op(
     exp_avg_scale: Tensor | None, exp_avg_sq_scale: Tensor | None, exp_avg_qmap: Tensor | None,
     exp_avg_sq_qmap: Tensor | None, noise: Tensor | None, scalars: list[float], seed: int, maximize: bool,
 ) -> None:  # fmt: skip
-    """Arguments already checked by :func:`adamw_step_triton`."""
-    n, k = int_data.shape
-    if n == 0 or k == 0:
-        return
-    is_8bit = exp_avg_scale is not None
-    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
-        qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
-        maps = (exp_avg_qmap, exp_avg_sq_qmap)
-        mids = tuple((q[1:] + q[:-1]) * 0.5 for q in maps)  # bucketize's boundaries, as the reference
-    else:
-        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
-        maps = mids = (scale, scale)  # dummy pointers: the kernel reads no map
-    absmaxes = (exp_avg_scale, exp_avg_sq_scale) if is_8bit else (scale, scale)
-    wrap_triton(_adamw_step_kernel)[(n,)](
-        int_data, scale, grad, exp_avg, exp_avg_sq, *absmaxes, *maps, *mids,
-        noise if noise is not None else scale,  # a dummy pointer when the kernel reads no noise
-        k, seed, *scalars,
-        STATE_8BIT=is_8bit, MAXIMIZE=maximize, HAS_NOISE=noise is not None,
-        ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
-        # ~8 elements per thread (see _MAX_BLOCK_K)
-        num_warps=min(16, max(4, block_b * qblock // 256)),
-    )  # fmt: skip
+    """Arguments already checked by :func:`adamw_step_triton`. Traced, a map is any sorted map (search)."""
+    maps = (exp_avg_qmap, exp_avg_sq_qmap)
+    mids = tuple((q[1:] + q[:-1]) * 0.5 for q in maps) if exp_avg_scale is not None else None
+    _launch(wrap_triton(_adamw_step_kernel), int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale,
+            exp_avg_sq_scale, maps, mids, (0, 0), noise, scalars, seed, maximize)  # fmt: skip
+
+
+_MAPS: dict[tuple, tuple] = {}  # (device, data_ptr) -> (map, its _version, midpoints, kind)
+
+
+def _map_info(qmap: Tensor) -> tuple[Tensor, int]:
+    """``(midpoints, kind)`` of a code map: ``(q[1:] + q[:-1]) / 2`` (bucketize's boundaries, as the
+    reference) and 1 / 2 if it is the signed / unsigned dynamic map (``_nearest_code`` then needs no
+    search), else 0. Cached per map: OptimState8bit's maps are shared and never written (``_version``
+    catches one that is), so the value check (one device sync) runs once per map, not per step;
+    the entry holds the map, so no other tensor can take its address."""
+    key = (qmap.device, qmap.data_ptr())
+    hit = _MAPS.get(key)
+    if hit is None or hit[1] != qmap._version or hit[0].shape != qmap.shape:
+        from quantframe.optim.state8bit import create_dynamic_map  # lazy: optim imports this module lazily too
+
+        kind = next((k for k, signed in ((1, True), (2, False))
+                     if torch.equal(qmap.cpu(), create_dynamic_map(signed))), 0)  # fmt: skip
+        hit = _MAPS[key] = (qmap, qmap._version, (qmap[1:] + qmap[:-1]) * 0.5, kind)
+    return hit[2], hit[3]
 
 
 def adamw_step_triton(
@@ -353,10 +428,14 @@ def adamw_step_triton(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if noise is None else 0
     scalars = list(_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2).values())
-    torch.ops.quantframe.adamw_step(
-        int_data, scale, grad.contiguous(), exp_avg, exp_avg_sq, *states8,
-        noise.contiguous() if noise is not None else None, scalars, seed, maximize,
-    )  # fmt: skip
+    grad, noise = grad.contiguous(), noise.contiguous() if noise is not None else None
+    if torch.compiler.is_compiling():
+        torch.ops.quantframe.adamw_step(int_data, scale, grad, exp_avg, exp_avg_sq, *states8, noise, scalars, seed, maximize)
+        return
+    maps = (exp_avg_qmap, exp_avg_sq_qmap)
+    mids, kinds = zip(*map(_map_info, maps)) if exp_avg_scale is not None else (None, (0, 0))
+    _launch(_adamw_step_kernel, int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
+            maps, mids, kinds, noise, scalars, seed, maximize)  # fmt: skip
 
 
 def adamw_step(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, **kwargs) -> None:

@@ -69,3 +69,30 @@ def test_compiled_training_step_matches_eager_gradients_and_trains():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_linear_saves_no_dequantized_weight(dtype):
+    # The compiled forward must keep only the int8 codes and scales for backward, never a float W:
+    # that copy would cost 2-4 bytes per weight between forward and backward (see
+    # quantframe/kernels/int8_weight_mm.py, _dense_traced).
+    m = model().to(dtype)
+    x = torch.randn(2, 8, 32, dtype=dtype)
+    weight_shapes = {tuple(mod.weight.shape) for mod in m if isinstance(mod, nn.Linear)}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
+        enable_autograd_cache=False
+    ):
+        compiled = torch.compile(m)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = compiled(x).square().mean()
+    loss.backward()
+    float_weights = [s for s in saved if s[0] in weight_shapes and s[1].is_floating_point]
+    int8_weights = [s for s in saved if s[0] in weight_shapes and s[1] == torch.int8]
+    assert not float_weights, saved
+    assert len(int8_weights) == 1, saved  # the second layer's, for the input gradient (x needs none)

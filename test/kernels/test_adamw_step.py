@@ -7,9 +7,11 @@ the same noise it agrees with the reference bit for bit (int8, scales and states
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from quantframe.kernels.adamw_step import adamw_step, adamw_step_reference, adamw_step_triton
-from quantframe.optim.state8bit import OptimState8bit
+from quantframe.kernels.adamw_step import _map_info, _nearest_code, adamw_step, adamw_step_reference, adamw_step_triton
+from quantframe.optim.state8bit import OptimState8bit, create_dynamic_map
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
              bias_correction1=1 - 0.9**3, bias_correction2=1 - 0.999**3)  # fmt: skip
@@ -124,6 +126,50 @@ def test_reference_matches_a_slow_loop_over_one_row(states):
             expected = OptimState8bit.from_float(torch.tensor([value]), signed=signed)
             assert torch.equal(ref[name], expected.codes), name
             assert torch.equal(ref[f"{name}_scale"], expected.scale), name
+
+
+@triton.jit
+def _codes_kernel(x_ptr, mid_ptr, out_ptr, n, MAP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _nearest_code(x, mid_ptr, MAP), mask=mask)
+
+
+def _code_probes(qmap: torch.Tensor) -> torch.Tensor:
+    """Values in the map's range: every code, every midpoint and its two fp32 neighbours (the ties
+    and the nearest non-ties), log-uniform magnitudes down to 1e-11, 0 and the ends."""
+    mids = (qmap[1:] + qmap[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    mags = torch.exp(torch.empty(20_000).uniform_(-25.5, 0.0, generator=g))
+    x = torch.cat([qmap, mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                   mags, -mags, torch.tensor([0.0, 1.0, -1.0, 1e-7, 1e-6, 0.1])])  # fmt: skip
+    return x.clamp(float(qmap[0]), 1.0)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_nearest_code_of_the_dynamic_map_equals_bucketize(signed):
+    # The dynamic map's nearest code comes from its layout (no search): it must equal the binary
+    # search, i.e. torch.bucketize on the midpoints, everywhere, ties and decade edges included.
+    qmap = create_dynamic_map(signed)
+    mids, kind = _map_info(qmap)
+    assert kind == (1 if signed else 2)
+    x = _code_probes(qmap)
+    expected = torch.bucketize(x, mids).to(torch.int32)
+    for map_kind in (kind, 0):  # 0: the search, which any sorted map takes
+        out = torch.empty_like(expected)
+        _codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, mids, out, x.numel(), MAP=map_kind, BLOCK=1024)
+        assert torch.equal(out, expected), (map_kind, (out != expected).sum())
+
+
+def test_another_map_takes_the_search():
+    qmap = torch.linspace(-1, 1, 256)
+    mids, kind = _map_info(qmap)
+    assert kind == 0 and torch.equal(mids, (qmap[1:] + qmap[:-1]) / 2)
+    qmap = create_dynamic_map(True)
+    assert _map_info(qmap)[1] == 1
+    qmap[3] = 0.5  # written in place: the cached kind is stale and must be recomputed
+    assert _map_info(qmap)[1] == 0
 
 
 def test_dispatcher_takes_the_reference_on_cpu():
