@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["use_triton"]
+__all__ = ["is_traced", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -19,3 +19,12 @@ def use_triton(t: torch.Tensor) -> bool:
     Kernel tests on CPU call the ``*_triton`` launchers directly under ``TRITON_INTERPRET=1``.
     """
     return t.is_cuda
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced rather than holding data: torch.compile / export (dynamo's fake
+    runs and AOTAutograd's functional tracing included, where ``torch.compiler.is_compiling()``
+    alone can be False). There, code must use ops the tracer can see through, not raw launches."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import use_triton
+from . import is_traced, use_triton
 from .int8_rowwise import _round_to_bf16, quantize_rowwise_int8_reference
 
 __all__ = ["adamw_step", "adamw_step_reference", "adamw_step_triton"]
@@ -429,7 +429,7 @@ def adamw_step_triton(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if noise is None else 0
     scalars = list(_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2).values())
     grad, noise = grad.contiguous(), noise.contiguous() if noise is not None else None
-    if torch.compiler.is_compiling():
+    if is_traced(int_data):
         torch.ops.quantframe.adamw_step(int_data, scale, grad, exp_avg, exp_avg_sq, *states8, noise, scalars, seed, maximize)
         return
     maps = (exp_avg_qmap, exp_avg_sq_qmap)

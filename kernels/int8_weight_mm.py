@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import use_triton
+from . import is_traced, use_triton
 from .int8_rowwise import _round_to_bf16
 
 __all__ = [
@@ -341,7 +341,7 @@ def int8_weight_mm_dense(
     ``W``) and errors as :func:`int8_weight_mm_reference`. Under torch.compile it traces into
     aten ops (see :func:`_dense_traced`)."""
     _check_args(x, int_data, scale, bias, transpose)
-    if torch.compiler.is_compiling():
+    if is_traced(x):
         return _dense_traced(x, int_data, scale, bias, transpose)
     return _dense_eager(x, int_data, scale, bias, transpose)
 
@@ -361,7 +361,7 @@ def int8_weight_mm(
         if dense:
             return int8_weight_mm_dense(x, int_data, scale, bias, transpose)
         return int8_weight_mm_triton(x, int_data, scale, bias, transpose)
-    if torch.compiler.is_compiling():  # the reference's math, traced so the compiled step saves no W
+    if is_traced(x):  # the reference's math, traced so the compiled step saves no W
         _check_args(x, int_data, scale, bias, transpose)
         return _dense_traced(x, int_data, scale, bias, transpose)
     return int8_weight_mm_reference(x, int_data, scale, bias, transpose)

@@ -206,3 +206,19 @@ def test_dense_path_traces_into_aten_ops_under_compile(transpose):
     torch.testing.assert_close(compiled(x, int_data, scale, None, transpose), expected, atol=0, rtol=0)
     targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
     assert not any("quantframe" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "bwd"])
+def test_dense_path_on_fake_tensors_launches_no_kernel(monkeypatch, transpose):
+    # torch.compile may run a subclass's F.linear on fake tensors outside dynamo's bytecode tracing
+    # (torch 2.11 on CUDA does), where torch.compiler.is_compiling() is False; the dense path must
+    # still trace into aten ops there, not launch Triton on tensors without data. CPU tensors are sent
+    # down the Triton dispatch to reproduce it.
+    import quantframe.kernels.int8_weight_mm as wmm
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(wmm, "use_triton", lambda t: True)
+    with FakeTensorMode():
+        x = torch.empty(wmm.DENSE_MIN_ROWS, 7 if transpose else 33, dtype=torch.bfloat16)
+        y = wmm.int8_weight_mm(x, torch.empty(7, 33, dtype=torch.int8), torch.empty(7), None, transpose)
+    assert y.shape == (wmm.DENSE_MIN_ROWS, 33 if transpose else 7) and y.dtype == torch.bfloat16
