@@ -42,7 +42,7 @@ from torch.library import triton_op, wrap_triton
 from . import is_traced, use_triton
 from .int8_rowwise import _round_to_bf16, quantize_rowwise_int8_reference
 
-__all__ = ["adamw_step", "adamw_step_reference", "adamw_step_triton"]
+__all__ = ["adamw_step", "adamw_step_multi", "adamw_step_multi_triton", "adamw_step_reference", "adamw_step_triton"]
 
 STATE_BLOCK = 256  # elements per 8-bit state block (quantframe.optim.state8bit.BLOCK_SIZE)
 # Rows up to this length are updated in one pass, longer ones in two (chunks of this length). 2048
@@ -303,21 +303,14 @@ def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_
     _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V)
 
 
-# A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
-# seed == 1 and compiles new variants mid-training (measured: 0.6-1.7 s stalls on H100).
-@triton.jit(do_not_specialize=["seed"])
-def _adamw_step_kernel(
-    q_ptr, s_ptr, g_ptr,  # int8 [N, K] and fp32 [N] (read, then written); grad [N, K]
-    m_ptr, v_ptr,  # states [N, K]: fp32, or uint8 codes if STATE_8BIT (read, then written)
-    ms_ptr, vs_ptr, mq_ptr, vq_ptr,  # 8-bit only: block absmax [N * K / 256] and code maps [256]
-    mmid_ptr, vmid_ptr,  # 8-bit only: the maps' 255 midpoints (nearest-code search)
-    noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
+@triton.jit
+def _adamw_row(
+    row, q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, noise_ptr,
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
-    STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,  # MAP_*: see _nearest_code
-    MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
-    BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+    STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
+    """The step of one row (int64 ``row``) of one weight; the kernels below pick the weight and row."""
     old_scale = tl.load(s_ptr + row)
     # Row pointers, so that per-element offsets are int32 (fewer registers, more programs per SM).
     rbase = row * K
@@ -344,8 +337,69 @@ def _adamw_step_kernel(
                 q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
             _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
-                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
+                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE,
+                         BLOCK_B, QBLOCK)  # fmt: skip
     tl.store(s_ptr + row, new_scale)
+
+
+# A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
+# seed == 1 and compiles new variants mid-training (measured: 0.6-1.7 s stalls on H100).
+@triton.jit(do_not_specialize=["seed"])
+def _adamw_step_kernel(
+    q_ptr, s_ptr, g_ptr,  # int8 [N, K] and fp32 [N] (read, then written); grad [N, K]
+    m_ptr, v_ptr,  # states [N, K]: fp32, or uint8 codes if STATE_8BIT (read, then written)
+    ms_ptr, vs_ptr, mq_ptr, vq_ptr,  # 8-bit only: block absmax [N * K / 256] and code maps [256]
+    mmid_ptr, vmid_ptr,  # 8-bit only: the maps' 255 midpoints (nearest-code search)
+    noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
+    K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+    STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,  # MAP_*: see _nearest_code
+    MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
+    _adamw_row(row, q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, noise_ptr,
+               K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAP_M, MAP_V, MAXIMIZE,
+               HAS_NOISE, ONE_PASS, BLOCK_B, QBLOCK)  # fmt: skip
+
+
+_TABLE = 8  # int64 entries per weight in the multi-tensor table: 7 addresses + the row count
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _adamw_step_multi_kernel(
+    tab_ptr,  # int64 [T, 8]: addresses of int_data, scale, grad, exp_avg, exp_avg_sq, their 8-bit
+    # block absmaxes (or 0), then the weight's row count
+    q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,  # weight 0's tensors: their types type the table's addresses
+    mq_ptr, vq_ptr, mmid_ptr, vmid_ptr,  # shared code maps and midpoints (8-bit only)
+    K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+    STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ONE_PASS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Weights sharing K, dtypes and step scalars in one launch: program (row, t) updates row ``row``
+    of weight ``t`` (grid: the most rows x T); weight t draws its noise from ``seed + t``."""
+    t = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)
+    base = tab_ptr + t * 8
+    if row < tl.load(base + 7):
+        _adamw_row(
+            row, tl.load(base).to(q_ptr.dtype), tl.load(base + 1).to(s_ptr.dtype), tl.load(base + 2).to(g_ptr.dtype),
+            tl.load(base + 3).to(m_ptr.dtype), tl.load(base + 4).to(v_ptr.dtype),
+            tl.load(base + 5).to(ms_ptr.dtype), tl.load(base + 6).to(vs_ptr.dtype),
+            mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, s_ptr,  # s_ptr: a dummy noise pointer (never read)
+            K, seed + t, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAP_M, MAP_V, MAXIMIZE,
+            False, ONE_PASS, BLOCK_B, QBLOCK,
+        )  # fmt: skip
+
+
+def _tiles(k: int, is_8bit: bool) -> dict:
+    """BLOCK_B x QBLOCK tile, passes and warps for rows of ``k`` elements."""
+    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
+        qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
+    else:
+        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
+    # ~8 elements per thread (see _MAX_BLOCK_K)
+    return dict(ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
+                num_warps=min(16, max(4, block_b * qblock // 256)))  # fmt: skip
 
 
 def _launch(kernel, int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
@@ -354,10 +408,7 @@ def _launch(kernel, int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, e
     if n == 0 or k == 0:
         return
     is_8bit = exp_avg_scale is not None
-    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
-        qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
-    else:
-        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
+    if not is_8bit:
         maps = mids = (scale, scale)  # dummy pointers: the kernel reads no map
     absmaxes = (exp_avg_scale, exp_avg_sq_scale) if is_8bit else (scale, scale)
     kernel[(n,)](
@@ -365,9 +416,7 @@ def _launch(kernel, int_data, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, e
         noise if noise is not None else scale,  # a dummy pointer when the kernel reads no noise
         k, seed, *scalars,
         STATE_8BIT=is_8bit, MAP_M=map_kinds[0], MAP_V=map_kinds[1], MAXIMIZE=maximize, HAS_NOISE=noise is not None,
-        ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
-        # ~8 elements per thread (see _MAX_BLOCK_K)
-        num_warps=min(16, max(4, block_b * qblock // 256)),
+        **_tiles(k, is_8bit),
     )  # fmt: skip
 
 
@@ -430,7 +479,9 @@ def adamw_step_triton(
     scalars = list(_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2).values())
     grad, noise = grad.contiguous(), noise.contiguous() if noise is not None else None
     if is_traced(int_data):
-        torch.ops.quantframe.adamw_step(int_data, scale, grad, exp_avg, exp_avg_sq, *states8, noise, scalars, seed, maximize)
+        torch.ops.quantframe.adamw_step(
+            int_data, scale, grad, exp_avg, exp_avg_sq, *states8, noise, scalars, seed, maximize
+        )
         return
     maps = (exp_avg_qmap, exp_avg_sq_qmap)
     mids, kinds = zip(*map(_map_info, maps)) if exp_avg_scale is not None else (None, (0, 0))
@@ -448,3 +499,103 @@ def adamw_step(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg: Tensor, e
         adamw_step_triton(int_data, scale, grad, exp_avg, exp_avg_sq, **kwargs)
     else:
         adamw_step_reference(int_data, scale, grad, exp_avg, exp_avg_sq, **kwargs)
+
+
+# ---- many weights, one launch ------------------------------------------------------------------
+_WEIGHT_KEYS = ("int_data", "scale", "grad", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
+
+
+def _multi_args(weights: list[dict], kwargs: dict) -> tuple[bool, int]:
+    """Check each weight as :func:`adamw_step` would, and that they can share one launch; (8-bit, K)."""
+    if not weights:
+        raise ValueError("adamw_step_multi: no weights")
+    shared = {key: kwargs.get(key) for key in ("exp_avg_qmap", "exp_avg_sq_qmap")}
+    first = weights[0]
+    for i, w in enumerate(weights):
+        unknown = set(w) - set(_WEIGHT_KEYS)
+        if unknown:
+            raise TypeError(f"adamw_step_multi: weight {i} has unknown keys {sorted(unknown)}; allowed: {_WEIGHT_KEYS}")
+        states8 = (w.get("exp_avg_scale"), w.get("exp_avg_sq_scale"), shared["exp_avg_qmap"], shared["exp_avg_sq_qmap"])
+        _check_args(w["int_data"], w["scale"], w["grad"], w["exp_avg"], w["exp_avg_sq"], states8, None,
+                    (kwargs["bias_correction1"], kwargs["bias_correction2"]))  # fmt: skip
+        same = all(getattr(w[name], attr) == getattr(first[name], attr) for name, attr in
+                   (("int_data", "device"), ("grad", "dtype"), ("exp_avg", "dtype"))) and (
+            w["int_data"].shape[1] == first["int_data"].shape[1])  # fmt: skip
+        if not same:
+            raise ValueError(
+                f"adamw_step_multi: weight {i} differs from weight 0 in K, grad dtype, state dtype or device; "
+                f"one launch needs them equal (group the weights by them)"
+            )
+    return first["exp_avg"].dtype == torch.uint8, first["int_data"].shape[1]
+
+
+def adamw_step_multi(weights: list[dict], *, seed: int | None = None, **kwargs) -> None:
+    """:func:`adamw_step` of several weights at once; on CUDA one launch for all of them.
+
+    Each entry of ``weights`` holds that weight's tensors under the names :func:`adamw_step` takes
+    them (``int_data``, ``scale``, ``grad``, ``exp_avg``, ``exp_avg_sq`` and, for 8-bit states,
+    ``exp_avg_scale``, ``exp_avg_sq_scale``); ``kwargs`` are the shared keyword arguments of
+    :func:`adamw_step` (hyperparameters, bias corrections, ``maximize``, the 8-bit code maps), without
+    ``noise``. The weights must share K (row length), grad and state dtypes and device. One launch
+    instead of one per weight: an optimizer step pays the Python and launch cost (~100 us per launch
+    on the GPU host) once per group, not once per parameter. Weight ``t`` draws its rounding noise
+    from ``seed + t``, so the result equals ``adamw_step`` of each weight with that seed.
+
+    Raises:
+        TypeError / ValueError: as :func:`adamw_step` for each weight, an unknown key, or weights that
+            cannot share a launch.
+    """
+    if "noise" in kwargs:
+        raise TypeError("adamw_step_multi: takes no noise (each weight draws its own from seed + t)")
+    is_8bit, k = _multi_args(weights, kwargs)
+    int_data = weights[0]["int_data"]
+    if not use_triton(int_data):
+        for w in weights:
+            adamw_step_reference(**w, **kwargs)
+        return
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1 - len(weights), (1,)).item())
+    if is_traced(int_data):  # traced: one traceable op per weight
+        for t, w in enumerate(weights):
+            adamw_step_triton(**w, **kwargs, seed=seed + t)
+    else:
+        _multi_launch(weights, is_8bit, k, seed, kwargs)
+
+
+def adamw_step_multi_triton(weights: list[dict], *, seed: int, **kwargs) -> None:
+    """The one launch of :func:`adamw_step_multi` (any device the Triton backend runs on: CUDA, or
+    CPU under ``TRITON_INTERPRET=1``); same arguments and errors."""
+    if "noise" in kwargs:
+        raise TypeError("adamw_step_multi: takes no noise (each weight draws its own from seed + t)")
+    _multi_launch(weights, *_multi_args(weights, kwargs), seed, kwargs)
+
+
+def _multi_launch(weights: list[dict], is_8bit: bool, k: int, seed: int, kwargs: dict) -> None:
+    weights = [dict(w) for w in weights if w["int_data"].numel()]
+    if not weights:
+        return
+    lr, beta1, beta2, eps, wd = (kwargs[n] for n in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    scalars = list(_scalars(lr, beta1, beta2, eps, wd, kwargs["bias_correction1"], kwargs["bias_correction2"]).values())
+    rows, table = 0, []
+    for w in weights:
+        rows = max(rows, w["int_data"].shape[0])
+        w["grad"] = w["grad"].contiguous()
+        table += [w[name].data_ptr() if w.get(name) is not None else 0 for name in _WEIGHT_KEYS]
+        table.append(w["int_data"].shape[0])
+    table = torch.tensor(table, dtype=torch.int64)
+    device = weights[0]["int_data"].device
+    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+    first = weights[0]
+    if is_8bit:
+        maps = (kwargs["exp_avg_qmap"], kwargs["exp_avg_sq_qmap"])
+        mids, kinds = zip(*map(_map_info, maps))
+        absmaxes = (first["exp_avg_scale"], first["exp_avg_sq_scale"])
+    else:
+        maps = mids = absmaxes = (first["scale"], first["scale"])  # dummies: the kernel reads no map
+        kinds = (0, 0)
+    _adamw_step_multi_kernel[(rows, len(weights))](
+        table, first["int_data"], first["scale"], first["grad"], first["exp_avg"], first["exp_avg_sq"], *absmaxes,
+        *maps, *mids, k, seed, *scalars,
+        STATE_8BIT=is_8bit, MAP_M=kinds[0], MAP_V=kinds[1], MAXIMIZE=kwargs.get("maximize", False),
+        **_tiles(k, is_8bit),
+    )  # fmt: skip

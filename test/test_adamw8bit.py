@@ -103,8 +103,13 @@ def test_int8_weights_take_the_fused_step_where_rows_hold_whole_state_blocks(mon
     m = mlp(hidden=256)
     quantize_(m, int8_weight_only_quantized_training())
     fused_shapes, requantized = [], []
-    kernel, requantize = fused.adamw_step, Int8QTLinearWeight.requantize_
-    monkeypatch.setattr(fused, "adamw_step", lambda q, *a, **kw: fused_shapes.append(q.shape) or kernel(q, *a, **kw))
+    kernel, requantize = fused.adamw_step_multi, Int8QTLinearWeight.requantize_
+
+    def spy(weights, **kw):
+        fused_shapes.extend(w["int_data"].shape for w in weights)
+        return kernel(weights, **kw)
+
+    monkeypatch.setattr(fused, "adamw_step_multi", spy)
     monkeypatch.setattr(Int8QTLinearWeight, "requantize_", lambda w, v: requantized.append(w.shape) or requantize(w, v))
     train(m, AdamW8bit(m.parameters(), lr=1e-2), steps=2)
     # [256, 64]: K=64 is not whole blocks of 256 -> unfused, one requantization per step
@@ -124,7 +129,7 @@ def test_fused_step_follows_the_unfused_one(monkeypatch):
     quantize_(b, int8_weight_only_quantized_training())
     torch.manual_seed(5)
     la = train(a, AdamW(a.parameters(), lr=1e-2), steps=10)
-    monkeypatch.setattr(AdamW, "_fused_step", staticmethod(lambda *args: False))
+    monkeypatch.setattr(AdamW, "_fused_item", staticmethod(lambda *args: None))
     torch.manual_seed(5)
     lb = train(b, AdamW(b.parameters(), lr=1e-2), steps=10)
     assert la == pytest.approx(lb, rel=1e-3)

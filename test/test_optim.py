@@ -107,19 +107,33 @@ def test_int8_training_with_bf16_states_follows_fp32_states():
 
 def test_quantized_params_are_requantized_once_per_step(monkeypatch):
     # Int8 weights take the fused step (quantframe.kernels.adamw_step: dequantize, fp32 AdamW,
-    # stochastic-rounding requantize, all in one pass): one call per weight and step.
+    # stochastic-rounding requantize, all in one pass), the weights of one row length in one call.
     from quantframe.kernels import adamw_step as fused
 
     m = mlp()
     quantize_(m, int8_weight_only_quantized_training())
     calls, requantized = [], []
-    kernel, requantize = fused.adamw_step, Int8QTLinearWeight.requantize_
-    monkeypatch.setattr(fused, "adamw_step", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    kernel, requantize = fused.adamw_step_multi, Int8QTLinearWeight.requantize_
+    monkeypatch.setattr(fused, "adamw_step_multi", lambda ws, **kw: calls.append(len(ws)) or kernel(ws, **kw))
     monkeypatch.setattr(Int8QTLinearWeight, "requantize_", lambda w, v, **kw: requantized.append(1) or requantize(w, v, **kw))
     train(m, AdamW(m.parameters(), lr=1e-2), steps=3)
-    assert len(calls) == 3 * 2 and requantized == []  # two quantized weights, three steps
+    assert calls == [1, 1] * 3 and requantized == []  # two quantized weights (K 32 and 64), three steps
     train(m, AdamW(m.parameters(), lr=1e-2, amsgrad=True), steps=3)  # unfused: one requantize_ each
-    assert len(calls) == 3 * 2 and len(requantized) == 3 * 2
+    assert calls == [1, 1] * 3 and len(requantized) == 3 * 2
+
+
+def test_weights_of_one_row_length_share_one_fused_launch(monkeypatch):
+    from quantframe.kernels import adamw_step as fused
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 16))
+    quantize_(m, int8_weight_only_quantized_training())
+    calls = []
+    kernel = fused.adamw_step_multi
+    monkeypatch.setattr(fused, "adamw_step_multi", lambda ws, **kw: calls.append(len(ws)) or kernel(ws, **kw))
+    losses = train(m, AdamW(m.parameters(), lr=1e-2), steps=10)
+    assert calls == [1, 3] * 10  # K=32: one weight; K=64: three weights in one launch
+    assert losses[-1] < losses[0]
 
 
 def test_int8_training_follows_the_float_run():

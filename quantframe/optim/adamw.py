@@ -198,6 +198,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             plain = []  # parameters for torch's fused kernel, updated together after the loop
+            int8: dict[tuple, tuple] = {}  # key -> (code maps, INT8 weights): one fused launch per key
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -211,11 +212,50 @@ class AdamW(torch.optim.Optimizer):
                 if _fusable_plain(param, grad, exp_avg, exp_avg_sq, group):
                     state["step"] += 1
                     plain.append((param, grad, exp_avg, exp_avg_sq, state["step"].item()))
+                elif (fused := self._fused_item(param, grad, exp_avg, exp_avg_sq, state, group)) is not None:
+                    key, maps, weight = fused
+                    int8.setdefault(key, (maps, []))[1].append(weight)
                 else:
                     self._update(p, state, group)
             if plain:
                 _fused_plain_step(plain, group)
+            for key, (maps, weights) in int8.items():
+                self._fused_launch(key[4], maps, weights, group)
         return loss
+
+    @staticmethod
+    def _fused_item(param, grad, exp_avg, exp_avg_sq, state: dict, group: dict) -> tuple | None:
+        """``(launch key, code maps, weight dict)`` of an INT8 weight the fused kernel updates, its step counted;
+        None (nothing done) where the kernel does not apply. Weights with one key (device, row
+        length, dtypes, step, code maps) share one launch (``adamw_step_multi``)."""
+        if group["amsgrad"]:
+            return None
+        rowwise = _rowwise_int8(param)
+        if rowwise is None:
+            return None
+        int_data, scale = rowwise
+        states = _fused_states(exp_avg, exp_avg_sq, *int_data.shape)
+        if states is None:
+            return None
+        (m, v), parts = states
+        state["step"] += 1
+        maps = (parts.pop("exp_avg_qmap", None), parts.pop("exp_avg_sq_qmap", None))
+        key = (int_data.device, int_data.shape[1], grad.dtype, m.dtype, state["step"].item(), *map(id, maps))
+        weight = dict(int_data=int_data, scale=scale, grad=grad.reshape(int_data.shape), exp_avg=m, exp_avg_sq=v)
+        weight.update(parts)
+        return key, maps, weight
+
+    @staticmethod
+    def _fused_launch(step: float, maps: tuple, weights: list[dict], group: dict) -> None:
+        from quantframe.kernels.adamw_step import adamw_step_multi  # lazy: `import quantframe` stays triton-free
+
+        beta1, beta2 = group["betas"]
+        qmaps = dict(exp_avg_qmap=maps[0], exp_avg_sq_qmap=maps[1]) if maps[0] is not None else {}
+        adamw_step_multi(
+            weights, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], bias_correction1=1 - beta1**step, bias_correction2=1 - beta2**step,
+            maximize=group["maximize"], **qmaps,
+        )  # fmt: skip
 
     def _update(self, p: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]
@@ -226,9 +266,6 @@ class AdamW(torch.optim.Optimizer):
         step = state["step"].item()
         bias_c1 = 1 - beta1**step
         bias_c2 = 1 - beta2**step
-        if not group["amsgrad"] and self._fused_step(param, grad, exp_avg, exp_avg_sq, group, bias_c1, bias_c2):
-            return
-
         quantized = isinstance(param, QuantTensor)
         # fp32 working copy: dequantize once (quantized), upcast (bf16/fp16), or in place (fp32)
         p32 = param.dequantize(torch.float32) if quantized else param if param.dtype == torch.float32 else param.float()
@@ -258,27 +295,6 @@ class AdamW(torch.optim.Optimizer):
                 param.copy_(fp32_to_bf16_stochastic(p32))
             else:
                 param.copy_(p32)
-
-    @staticmethod
-    def _fused_step(param, grad, exp_avg, exp_avg_sq, group: dict, bias_c1: float, bias_c2: float) -> bool:
-        """The fused kernel's step for a per-row int8 weight; False (nothing done) where it does not apply."""
-        rowwise = _rowwise_int8(param)
-        if rowwise is None:
-            return False
-        int_data, scale = rowwise
-        states = _fused_states(exp_avg, exp_avg_sq, *int_data.shape)
-        if states is None:
-            return False
-        from quantframe.kernels.adamw_step import adamw_step  # lazy: `import quantframe` stays triton-free
-
-        (m, v), parts = states
-        beta1, beta2 = group["betas"]
-        adamw_step(
-            int_data, scale, grad.reshape(int_data.shape), m, v,
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            bias_correction1=bias_c1, bias_correction2=bias_c2, maximize=group["maximize"], **parts,
-        )  # fmt: skip
-        return True
 
 
 class AdamW8bit(AdamW):

@@ -10,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from quantframe.kernels.adamw_step import _map_info, _nearest_code, adamw_step, adamw_step_reference, adamw_step_triton
+from quantframe.kernels.adamw_step import (
+    _map_info,
+    _nearest_code,
+    adamw_step,
+    adamw_step_multi,
+    adamw_step_multi_triton,
+    adamw_step_reference,
+    adamw_step_triton,
+)
 from quantframe.optim.state8bit import OptimState8bit, create_dynamic_map
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
@@ -246,3 +254,98 @@ def test_triton_matches_reference_on_cuda(shape, states):
             torch.testing.assert_close(out[name], t, **tol, msg=name)
             if t.dtype == torch.bfloat16:  # the one-ulp tolerance is wide there: few may use it
                 assert (out[name] != t).float().mean() < 1e-3, name
+
+
+# ---- many weights in one launch -------------------------------------------------------------------
+def _weights(rows, k, states, grad_dtype=torch.float32):
+    """adamw_step_multi's per-weight dicts (copies) and the shared keyword arguments."""
+    weights, shared = [], dict(HYPER)
+    for n in rows:
+        inp = _inputs(n, k, states, grad_dtype)
+        w = dict(int_data=inp["q"].clone(), scale=inp["scale"].clone(), grad=inp["grad"])
+        m, v = inp["m"], inp["v"]
+        if isinstance(m, OptimState8bit):
+            w.update(exp_avg=m.codes.clone(), exp_avg_sq=v.codes.clone(),
+                     exp_avg_scale=m.scale.clone(), exp_avg_sq_scale=v.scale.clone())  # fmt: skip
+            shared.update(exp_avg_qmap=m.qmap, exp_avg_sq_qmap=v.qmap)
+        else:
+            w.update(exp_avg=m.clone(), exp_avg_sq=v.clone())
+        weights.append(w)
+    return weights, shared
+
+
+def _copy(weights):
+    return [{name: t.clone() for name, t in w.items()} for w in weights]
+
+
+@pytest.mark.parametrize("rows, k, states", [
+    pytest.param((3, 1, 5), 33, "fp32", id="K33-fp32"),
+    pytest.param((2, 4), 4100, "bf16", id="K4100-bf16-two-pass"),
+    pytest.param((3, 1), 512, "8bit", id="K512-8bit"),
+    pytest.param((1, 2), 4352, "8bit", id="K4352-8bit-two-pass"),
+])  # fmt: skip
+def test_multi_launch_equals_one_launch_per_weight_with_seed_plus_t(rows, k, states):
+    # One launch for several weights (rows differ; programs past a weight's rows do nothing) gives
+    # each weight exactly what its own launch gives with seed + t.
+    weights, shared = _weights(rows, k, states, torch.bfloat16)
+    multi, single = _copy(weights), _copy(weights)
+    adamw_step_multi_triton(multi, seed=1234, **shared)
+    for t, w in enumerate(single):
+        adamw_step_triton(**w, **shared, seed=1234 + t)
+    for t, (a, b) in enumerate(zip(multi, single)):
+        assert (a["int_data"] != weights[t]["int_data"]).any()  # the step moved every weight
+        for name in a:
+            assert torch.equal(a[name], b[name]), (t, name)
+
+
+def test_multi_dispatcher_takes_the_reference_on_cpu():
+    weights, shared = _weights((2, 3), 256, "8bit")
+    multi, single = _copy(weights), _copy(weights)
+    torch.manual_seed(7)
+    adamw_step_multi(multi, **shared)
+    torch.manual_seed(7)
+    for w in single:
+        adamw_step_reference(**w, **shared)
+    for a, b in zip(multi, single):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def _bad_multi(change):
+    weights, shared = _weights((2, 3), 256, "fp32")
+    change(weights, shared)
+    return weights, shared
+
+
+@pytest.mark.parametrize("impl", [adamw_step_multi, adamw_step_multi_triton], ids=["dispatch", "triton"])
+@pytest.mark.parametrize("change, error, msg", [
+    pytest.param(lambda w, s: w.clear(), ValueError, "no weights", id="empty"),
+    pytest.param(lambda w, s: w[1].update(int_data=w[1]["int_data"][:, :128].contiguous(),
+                                          grad=w[1]["grad"][:, :128], exp_avg=w[1]["exp_avg"][:, :128].contiguous(),
+                                          exp_avg_sq=w[1]["exp_avg_sq"][:, :128].contiguous()),
+                 ValueError, "differs from weight 0", id="other-K"),
+    pytest.param(lambda w, s: w[1].update(grad=w[1]["grad"].bfloat16()), ValueError, "differs from weight 0",
+                 id="other-grad-dtype"),
+    pytest.param(lambda w, s: w[0].update(bias=torch.zeros(2)), TypeError, "unknown keys", id="unknown-key"),
+    pytest.param(lambda w, s: s.update(noise=torch.zeros(2, 256)), TypeError, "takes no noise", id="noise"),
+    pytest.param(lambda w, s: w[0].update(scale=torch.ones(3)), ValueError, "scale must be float32", id="bad-weight"),
+])  # fmt: skip
+def test_multi_bad_arguments_raise(impl, change, error, msg):
+    weights, shared = _bad_multi(change)
+    with pytest.raises(error, match=msg):
+        impl(weights, seed=1, **shared)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("states", ["bf16", "8bit"])
+def test_multi_launch_equals_one_launch_per_weight_on_cuda(states):
+    weights, shared = _weights((2048, 1000, 5632), 2048, states, torch.bfloat16)
+    weights = [{name: t.cuda() for name, t in w.items()} for w in weights]
+    shared = {name: v.cuda() if isinstance(v, torch.Tensor) else v for name, v in shared.items()}
+    multi, single = _copy(weights), _copy(weights)
+    adamw_step_multi(multi, seed=99, **shared)
+    for t, w in enumerate(single):
+        adamw_step_triton(**w, **shared, seed=99 + t)
+    for a, b in zip(multi, single):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
