@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantframe.api import QuantConfig, register_quantize_handler
+from quantframe.kernels import use_triton
 from quantframe.primitives import pack_bits, unpack_bits
 from quantframe.tensor import (
     DEQUANTIZING_OPS,
@@ -214,29 +215,57 @@ class BitNetTrainingLinearWeight(QuantTensor):
 
 
 class _BitNetLinear(torch.autograd.Function):
-    """y = xq @ Wq.T + b; backward by the straight-through estimator."""
+    """y = xq @ Wq.T + b; backward by the straight-through estimator.
+
+    Where Triton runs (CUDA) the forward is an INT8 tensor-core GEMM: per-token int8 codes of x
+    (one Triton pass) times the ternary codes of W, both scales applied in the GEMM's epilogue
+    (``int8_scaled_mm``; the integer sum is exact, so this is the reference's product up to fp32
+    rounding); the backward runs in x's dtype on the tensor cores (cuBLAS, fp32 accumulation) with
+    W and xq dequantized to it, and the int8 codes of x are what is saved for it (1 byte a value,
+    not x's 2). Elsewhere everything is fp32 (the reference math of ``TernaryWeight``'s linear).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
-        ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         x2d = x.reshape(-1, x.shape[-1])
         codes, s = _ternary(weight.float_data)
-        y = _bitlinear(_act(x2d), codes.float() * s, bias).to(x.dtype)
+        ctx.fast = use_triton(x)
+        if ctx.fast:
+            from quantframe.kernels.int8_mm import int8_scaled_mm
+            from quantframe.kernels.ternary_mm import _quantize_tokens_triton
+
+            x8, sx = _quantize_tokens_triton(x2d)
+            w_scale = s.reshape(1).expand(codes.shape[0]).contiguous()
+            y = int8_scaled_mm(x8, codes, sx.reshape(-1), w_scale, bias, out_dtype=x.dtype)
+            ctx.save_for_backward(x8, sx, weight)
+        else:
+            ctx.save_for_backward(x, weight)
+            y = _bitlinear(_act(x2d), codes.float() * s, bias).to(x.dtype)
         return aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).float()
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            codes, s = _ternary(weight.float_data)
-            grad_x = (g @ (codes.float() * s)).to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.T @ _act(x.reshape(-1, x.shape[-1]))).to(weight.dtype)
+        if ctx.fast:
+            x8, sx, weight = ctx.saved_tensors
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.x_dtype)
+            if ctx.needs_input_grad[0]:
+                codes, s = _ternary(weight.float_data)
+                grad_x = (g @ (codes * s).to(g.dtype)).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.T @ (x8 * sx).to(g.dtype)).to(weight.dtype)
+        else:
+            x, weight = ctx.saved_tensors
+            g = grad_out.reshape(-1, grad_out.shape[-1]).float()
+            if ctx.needs_input_grad[0]:
+                codes, s = _ternary(weight.float_data)
+                grad_x = (g @ (codes.float() * s)).to(x.dtype).reshape(x.shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.T @ _act(x.reshape(-1, x.shape[-1]))).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0).to(ctx.bias_dtype)
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b
 
 

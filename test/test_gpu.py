@@ -110,3 +110,36 @@ def test_training_on_cuda_follows_the_float_run_eager_and_compiled(scheme):
         results[name] = loss.item()
     assert results["int8"] < 1.15 * results["float"]
     assert results["int8-compiled"] < 1.15 * results["float"]
+
+
+def test_bitnet_training_on_cuda_runs_int8_gemms_and_follows_the_fp32_path(monkeypatch):
+    import quantframe.ternary as T
+    from quantframe import bitnet_training
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 512)).cuda().bfloat16()
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(T, "use_triton", lambda t, fast=fast: fast)
+        m = copy.deepcopy(ref)
+        quantize_(m, bitnet_training())
+        y = m(x)
+        y.float().square().mean().backward()
+        outs[fast] = (y, m[0].weight.grad)
+    for fast, slow in zip(outs[True], outs[False]):
+        err = ((fast.double() - slow.double()).norm() / slow.double().norm()).item()
+        assert err < 1e-2, err
+    monkeypatch.undo()
+    m = copy.deepcopy(ref)
+    quantize_(m, bitnet_training())
+    compiled = torch.compile(m)
+    opt = AdamW(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = compiled(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

@@ -81,6 +81,41 @@ def test_forward_and_ste_gradients_match_manual():
     assert type(p.grad) is torch.Tensor
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tensor_core_path_matches_the_fp32_path(monkeypatch, dtype):
+    # Where Triton runs (CUDA) the forward is the INT8 GEMM (per-token codes x ternary codes, scales in
+    # the epilogue) and the backward runs in x's dtype; reproduced on CPU under the interpreter by
+    # sending CPU tensors down that dispatch. The forward's integer sums are exact: it differs from
+    # the fp32 path by rounding only; the backward by x's dtype.
+    import quantframe.ternary as T
+    from quantframe.testing import patch_interpreter_loop_bounds
+
+    undo = patch_interpreter_loop_bounds()
+    try:
+        torch.manual_seed(0)
+        w, bias = torch.randn(48, 64), torch.randn(48)
+        x = torch.randn(2, 5, 64).to(dtype)
+        g = torch.randn(2, 5, 48).to(dtype)
+        out = {}
+        for fast in (False, True):
+            monkeypatch.setattr(T, "use_triton", lambda t, fast=fast: fast)
+            p = nn.Parameter(BitNetTrainingLinearWeight.from_float(w).to(dtype))
+            b = nn.Parameter(bias.to(dtype))
+            xi = x.clone().requires_grad_()
+            y = F.linear(xi, p, b)
+            y.backward(g)
+            out[fast] = (y, xi.grad, p.grad, b.grad)
+    finally:
+        if undo is not None:
+            undo()
+    # bf16: both round to bf16 (<= 2**-8 relative each) and the fast backward also rounds W and xq
+    bound = 1e-5 if dtype == torch.float32 else 4e-3
+    for name, slow, fast in zip(("y", "grad x", "grad w", "grad bias"), out[False], out[True]):
+        assert fast.dtype == slow.dtype == dtype, name
+        err = ((fast.double() - slow.double()).norm() / slow.double().norm()).item()
+        assert err < bound, (name, err)
+
+
 def test_bf16_outer_dtype_grads():
     w = BitNetTrainingLinearWeight.from_float(torch.randn(4, 8)).to(torch.bfloat16)
     assert w.float_data.dtype == torch.float32
