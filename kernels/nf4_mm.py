@@ -151,11 +151,12 @@ def _nf4_levels_tile(
 ):  # fmt: skip
     """fp32 ``levels[code]`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (unscaled;
     masked rows read code 0 and must meet a zero scale or a masked store)."""
-    rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-    p = tl.load(c_ptr + offs_n[:, None] * stride_cn + (rk // 2)[None, :] * stride_ck, mask=mask_n[:, None], other=0)
+    pk = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
+    p = tl.load(c_ptr + offs_n[:, None] * stride_cn + pk[None, :] * stride_ck, mask=mask_n[:, None], other=0)
     p = p.to(tl.int32)
-    # Element 2j is the high nibble: lanes 2j and 2j + 1 read the same byte and shift out their own.
-    q = (p >> (4 - (rk % 2) * 4).to(tl.int32)[None, :]) & 15
+    # Element 2j is the high nibble. The BLOCK_K / 2 bytes load as one contiguous (vectorized) run and
+    # the nibbles are interleaved back into K order (see affine_mm._codes_minus_zero).
+    q = tl.interleave((p >> 4) & 15, p & 15)
     return tl.load(lv_ptr + q)  # gather from the 16-entry table (one cache line)
 
 

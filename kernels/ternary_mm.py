@@ -85,11 +85,13 @@ def ternary_mm_reference(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor 
 @triton.jit
 def _ternary_tile(p_ptr, offs_n, mask_n, k0, KB, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int8 ternary ``[BLOCK_N, BLOCK_K]`` tile at column ``k0`` (a multiple of 4); 0 past K."""
-    rk = k0 + tl.arange(0, BLOCK_K)
-    rb = rk // 4  # four lanes read the same byte (one transaction) and shift out their 2 bits
+    # The tile's BLOCK_K / 4 bytes load as one contiguous (vectorized) run; element 4i + j is bits
+    # 2j..2j+1 of byte i, put back into K order by two rounds of interleaving.
+    rb = k0 // 4 + tl.arange(0, BLOCK_K // 4)
     p = tl.load(p_ptr + offs_n[:, None] * stride_pn + rb[None, :], mask=mask_n[:, None] & (rb < KB)[None, :], other=85)
     p = p.to(tl.int32)  # 85 = 0b01010101: four codes 1 (ternary 0) in masked bytes
-    return (((p >> ((rk % 4) * 2)[None, :]) & 3) - 1).to(tl.int8)
+    q = tl.interleave(tl.interleave(p & 3, (p >> 4) & 3), tl.interleave((p >> 2) & 3, (p >> 6) & 3))
+    return (q - 1).to(tl.int8)
 
 
 @triton.jit
