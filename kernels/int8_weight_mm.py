@@ -356,9 +356,8 @@ def int8_weight_mm(
     With ``transpose=True``: ``x [..., N] @ (int_data * scale[:, None]) -> [..., K]``. See
     :func:`int8_weight_mm_reference` for dtypes and errors.
     """
-    dense = x.dim() and x.shape[-1] and x.numel() // x.shape[-1] >= DENSE_MIN_ROWS
     if use_triton(x):
-        if dense:
+        if x.dim() and x.shape[-1] and x.numel() // x.shape[-1] >= DENSE_MIN_ROWS:
             return int8_weight_mm_dense(x, int_data, scale, bias, transpose)
         return int8_weight_mm_triton(x, int_data, scale, bias, transpose)
     if is_traced(x):  # the reference's math, traced so the compiled step saves no W

@@ -198,7 +198,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             plain = []  # parameters for torch's fused kernel, updated together after the loop
-            int8: dict[tuple, tuple] = {}  # key -> (code maps, INT8 weights): one fused launch per key
+            int8: dict[tuple, tuple] = {}  # key -> (step, code maps, INT8 weights): one fused launch per key
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -213,19 +213,19 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] += 1
                     plain.append((param, grad, exp_avg, exp_avg_sq, state["step"].item()))
                 elif (fused := self._fused_item(param, grad, exp_avg, exp_avg_sq, state, group)) is not None:
-                    key, maps, weight = fused
-                    int8.setdefault(key, (maps, []))[1].append(weight)
+                    key, step, maps, weight = fused
+                    int8.setdefault(key, (step, maps, []))[2].append(weight)
                 else:
                     self._update(p, state, group)
             if plain:
                 _fused_plain_step(plain, group)
-            for key, (maps, weights) in int8.items():
-                self._fused_launch(key[4], maps, weights, group)
+            for step, maps, weights in int8.values():
+                self._fused_launch(step, maps, weights, group)
         return loss
 
     @staticmethod
     def _fused_item(param, grad, exp_avg, exp_avg_sq, state: dict, group: dict) -> tuple | None:
-        """``(launch key, code maps, weight dict)`` of an INT8 weight the fused kernel updates, its step counted;
+        """``(launch key, step, code maps, weight dict)`` of an INT8 weight the fused kernel updates, its step counted;
         None (nothing done) where the kernel does not apply. Weights with one key (device, row
         length, dtypes, step, code maps) share one launch (``adamw_step_multi``)."""
         if group["amsgrad"]:
@@ -240,10 +240,11 @@ class AdamW(torch.optim.Optimizer):
         (m, v), parts = states
         state["step"] += 1
         maps = (parts.pop("exp_avg_qmap", None), parts.pop("exp_avg_sq_qmap", None))
-        key = (int_data.device, int_data.shape[1], grad.dtype, m.dtype, state["step"].item(), *map(id, maps))
+        step = state["step"].item()
+        key = (int_data.device, int_data.shape[1], grad.dtype, m.dtype, step, *map(id, maps))
         weight = dict(int_data=int_data, scale=scale, grad=grad.reshape(int_data.shape), exp_avg=m, exp_avg_sq=v)
         weight.update(parts)
-        return key, maps, weight
+        return key, step, maps, weight
 
     @staticmethod
     def _fused_launch(step: float, maps: tuple, weights: list[dict], group: dict) -> None:
