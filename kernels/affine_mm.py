@@ -39,7 +39,7 @@ __all__ = [
 
 GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
 
-_KERNEL_BITS = (8, 4)
+_KERNEL_BITS = (8, 4, 3, 2)
 _CODES_PER_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # K must be a multiple of this (3-bit: 8 codes in 3 bytes)
 
 
@@ -130,6 +130,16 @@ def affine_mm_reference(
 
 # ---- Triton ------------------------------------------------------------------------------------
 @triton.jit
+def _packed_bytes(q_ptr, offs_n, mask_n, byte, n_bytes, stride_qn, stride_qk):
+    """int32 bytes ``qdata[offs_n, byte]`` of a ``[BLOCK_N, len(byte)]`` tile; 0 past ``n_bytes``."""
+    return tl.load(
+        q_ptr + offs_n[:, None] * stride_qn + byte[None, :] * stride_qk,
+        mask=mask_n[:, None] & (byte < n_bytes)[None, :],
+        other=0,
+    ).to(tl.int32)
+
+
+@triton.jit
 def _codes_minus_zero(
     q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -143,18 +153,30 @@ def _codes_minus_zero(
             mask=mask_n[:, None] & (rk < K)[None, :],
             other=0,
         ).to(tl.int32)  # int8 sign-extends, uint8 zero-extends
-    else:
+    elif BITS == 4:
         # Two codes per byte, element 2i in the low nibble. The tile's BLOCK_K / 2 bytes are loaded
         # as one contiguous run (vectorized), then the nibbles interleaved back into K order: loading
         # byte rk // 2 per element made two lanes load every byte with scalar loads (the 4-bit GEMV
         # ran at ~125 GB/s on H100).
         pk = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
-        p = tl.load(
-            q_ptr + offs_n[:, None] * stride_qn + pk[None, :] * stride_qk,
-            mask=mask_n[:, None] & (pk < K // 2)[None, :],  # K is even for 4 bits
-            other=0,
-        ).to(tl.int32)
+        p = _packed_bytes(q_ptr, offs_n, mask_n, pk, K // 2, stride_qn, stride_qk)  # K is even for 4 bits
         q = tl.interleave(p & 15, (p >> 4) & 15)
+    elif BITS == 2:  # four codes per byte, element 4i + j in bits 2j..2j+1 of byte i
+        pk = k0 // 4 + tl.arange(0, BLOCK_K // 4).to(tl.int64)
+        p = _packed_bytes(q_ptr, offs_n, mask_n, pk, K // 4, stride_qn, stride_qk)
+        q = tl.interleave(tl.interleave(p & 3, (p >> 4) & 3), tl.interleave((p >> 2) & 3, (p >> 6) & 3))
+    else:  # 3 bits: eight codes in three bytes (a 24-bit little-endian word), element 8u + j in bits 3j..3j+2
+        u = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+        word = _packed_bytes(q_ptr, offs_n, mask_n, 3 * u, 3 * (K // 8), stride_qn, stride_qk)
+        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * u + 1, 3 * (K // 8), stride_qn, stride_qk) << 8
+        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * u + 2, 3 * (K // 8), stride_qn, stride_qk) << 16
+        even = tl.interleave(  # codes 0, 2, 4, 6 of each unit
+            tl.interleave(word & 7, (word >> 12) & 7), tl.interleave((word >> 6) & 7, (word >> 18) & 7)
+        )
+        odd = tl.interleave(  # codes 1, 3, 5, 7
+            tl.interleave((word >> 3) & 7, (word >> 15) & 7), tl.interleave((word >> 9) & 7, (word >> 21) & 7)
+        )
+        q = tl.interleave(even, odd)
     z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
     return q - z[:, None]
 
@@ -381,7 +403,7 @@ def affine_dequantize_triton(
     qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int | None, dtype: torch.dtype
 ) -> Tensor:
     """Triton version of :func:`affine_dequantize` (bit for bit), one pass writing ``W [N, K]``, for
-    bits 8 / 4 and group_size None or a power of two >= 16 (else ValueError)."""
+    bits 8 / 4 / 3 / 2 and group_size None or a power of two >= 16 (else ValueError)."""
     if bits not in _KERNEL_BITS or not (group_size is None or (group_size >= 16 and not group_size & (group_size - 1))):
         raise ValueError(
             f"affine_dequantize_triton: bits={bits}, group_size={group_size}; expected bits in {_KERNEL_BITS} "

@@ -17,10 +17,10 @@ group_size``. ``zero_point`` is always stored (one layout for flatten, FSDP and 
 symmetric int8, ``2**(bits-1)`` for symmetric packed codes (the offset that made them unsigned).
 
 Inference only: ``F.linear`` propagates gradients to the input (weight-only configs) but never
-to the weight. Weight-only 8- and 4-bit layers run :func:`quantframe.kernels.affine_mm.affine_mm`:
-on CUDA its Triton kernels (a GEMV up to 16 rows of input, a GEMM above) read the packed codes and
-dequantize in registers; elsewhere, and for 3 and 2 bits everywhere, the pure-PyTorch path
-(dequantize, fp32 matmul) runs.
+to the weight. Weight-only layers run :func:`quantframe.kernels.affine_mm.affine_mm`: on CUDA its
+Triton kernels (8, 4, 3 and 2 bits, group sizes that are powers of two >= 16: a GEMV up to 16 rows
+of input reading the packed codes and dequantizing in registers, a one-pass dequantization + the
+dense matmul above); elsewhere the pure-PyTorch path (dequantize, fp32 matmul).
 """
 
 from __future__ import annotations
@@ -260,14 +260,10 @@ def _linear(func, types, args, kwargs):
     _check_linear(x, w, bias)
     if w.act_quant:
         return _w8a8_linear(x, w, bias)
-    if w.bits in (8, 4):
-        # Lazy: `import quantframe` must not import triton. Triton on CUDA, the reference elsewhere.
-        from quantframe.kernels import affine_mm
+    # Lazy: `import quantframe` must not import triton. Triton on CUDA, the reference elsewhere.
+    from quantframe.kernels import affine_mm
 
-        return affine_mm.affine_mm(x, w.qdata, w.scale, w.zero_point, w.bits, w.group_size, bias)
-    # Reference path: dequantize, fp32 matmul, one rounding to the activation dtype.
-    y = F.linear(x.float(), w.dequantize(torch.float32), None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return affine_mm.affine_mm(x, w.qdata, w.scale, w.zero_point, w.bits, w.group_size, bias)
 
 
 # ---- views and copies --------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_hand_worked_int4_values():
 
 # ---- Triton vs reference -----------------------------------------------------------------------
 def _cases():
-    for bits in (8, 4):
+    for bits in (8, 4, 3, 2):
         for sym in ("sym", "asym"):
             for gname, group in GROUPS.items():
                 for m in (1, 5, 16, 33):  # GEMV up to 16 rows, GEMM above
@@ -89,7 +89,7 @@ def _cases():
 
 @pytest.mark.parametrize("bits, symmetric, group, m, dtype, has_bias", list(_cases()))
 def test_triton_matches_reference(bits, symmetric, group, m, dtype, has_bias):
-    n, k = 24, 128 if group else 66  # per row: K off the BLOCK_K multiple
+    n, k = 24, 128 if group else (66 if bits in (8, 4) else 72)  # per row: K off the BLOCK_K multiple
     qdata, scale, zero_point = _weight(n, k, bits, group, symmetric)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if has_bias else None
@@ -109,7 +109,7 @@ def test_triton_takes_3d_and_strided_input(m):
     torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, 32), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_triton_takes_empty_batch_and_gradients_reach_x_and_bias(bits):
     qdata, scale, zero_point = _weight(7, 64, bits, 32, False)
     assert affine_mm_triton(torch.randn(0, 64), qdata, scale, zero_point, bits, 32).shape == (0, 7)
@@ -132,7 +132,8 @@ def _assert_same_rounding(w, ref_fp32, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("bits, symmetric, group", [(8, True, None), (8, False, 32), (4, False, 64), (4, True, None),
-                                                    (4, True, 16)])  # fmt: skip
+                                                    (4, True, 16), (3, False, 32), (3, True, None), (2, False, 64),
+                                                    (2, True, None)])  # fmt: skip
 def test_dequantize_triton_matches_reference(bits, symmetric, group, dtype):
     n, k = 40, 256  # N off the 32-row tile
     qdata, scale, zero_point = _weight(n, k, bits, group, symmetric)
@@ -143,15 +144,17 @@ def test_dequantize_triton_matches_reference(bits, symmetric, group, dtype):
     assert torch.equal(affine_dequantize(qdata, scale, zero_point, bits, group, dtype), ref.to(dtype))  # CPU: ops
 
 
-@pytest.mark.parametrize("bits, group, match", [(3, 32, "bits=3"), (4, 8, "group_size=8"), (8, 48, "group_size=48")])
+@pytest.mark.parametrize(
+    "bits, group, match", [(3, 24, "group_size=24"), (4, 8, "group_size=8"), (8, 48, "group_size=48")]
+)
 def test_dequantize_triton_rejects_what_the_kernel_cannot_take(bits, group, match):
-    qdata, scale, zero_point = _weight(4, 96 if group == 48 else 64, bits, group, False)
+    qdata, scale, zero_point = _weight(4, 96 if group in (24, 48) else 64, bits, group, False)
     with pytest.raises(ValueError, match=match):
         affine_dequantize_triton(qdata, scale, zero_point, bits, group, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_dense_matches_reference_with_gradients(bits, dtype):
     qdata, scale, zero_point = _weight(24, 128, bits, 32, False)
     x, bias = torch.randn(2, 20, 128).to(dtype).requires_grad_(), torch.randn(24).to(dtype).requires_grad_()
@@ -241,7 +244,8 @@ def test_bad_input_raises(impl, kwargs, exc, match):
 
 
 KERNEL_ONLY = [
-    pytest.param({"bits": 2, "qdata": torch.zeros(7, 16, dtype=torch.uint8)}, ValueError, r"bits=2 .* expected one of \(8, 4\)", id="bits-2"),
+    pytest.param({"group_size": 8, "scale": torch.ones(7, 8), "zero_point": torch.zeros(7, 8, dtype=torch.int32)},
+                 ValueError, "group_size=8 must be None or a power of two >= 16", id="group-8"),
     pytest.param({"x": torch.randn(5, 64).double()}, TypeError, "x.dtype=torch.float64", id="x-fp64"),
 ]  # fmt: skip
 
@@ -259,7 +263,9 @@ def test_triton_rejects_what_only_the_reference_takes(kwargs, exc, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 7, 16, 100, 2048], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize(
-    "bits, symmetric, group", [(8, True, None), (8, False, 128), (4, False, 128), (4, True, 32), (4, False, None)]
+    "bits, symmetric, group",
+    [(8, True, None), (8, False, 128), (4, False, 128), (4, True, 32), (4, False, None), (3, False, 128),
+     (2, True, 64)],  # fmt: skip
 )
 def test_triton_matches_reference_on_cuda(bits, symmetric, group, m):
     n, k = 4096, 4096
