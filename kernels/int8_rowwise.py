@@ -27,11 +27,18 @@ _MAX_BLOCK_K = 1024  # longer rows are processed in chunks of this many elements
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_args(w: Tensor, noise: Tensor | None) -> None:
+def _check_args(w: Tensor, noise: Tensor | None, col_scale: Tensor | None = None) -> None:
     if w.dim() != 2 or w.shape[1] == 0:
         raise ValueError(f"quantize_rowwise_int8: w must be 2-D [N, K] with K >= 1, got shape {tuple(w.shape)}")
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"quantize_rowwise_int8: w.dtype={w.dtype}, expected float32, float16 or bfloat16")
+    if col_scale is not None and (
+        col_scale.dtype != torch.float32 or col_scale.shape != (w.shape[1],) or col_scale.device != w.device
+    ):
+        raise ValueError(
+            f"quantize_rowwise_int8: col_scale must be float32 [{w.shape[1]}] on {w.device}, got "
+            f"{col_scale.dtype} {tuple(col_scale.shape)} on {col_scale.device}"
+        )
     if noise is None:
         return
     if noise.dtype != torch.float32:
@@ -44,7 +51,7 @@ def _check_args(w: Tensor, noise: Tensor | None) -> None:
 
 
 def quantize_rowwise_int8_reference(
-    w: Tensor, stochastic: bool = False, noise: Tensor | None = None
+    w: Tensor, stochastic: bool = False, noise: Tensor | None = None, col_scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int8 quantization in plain PyTorch (fp32 math).
 
@@ -54,16 +61,20 @@ def quantize_rowwise_int8_reference(
             to nearest (half to even).
         noise: ``[N, K]`` float32 in ``[0, 1)``, the ``u`` above; drawn with ``torch.rand`` if None.
             Ignored unless ``stochastic``.
+        col_scale: ``[K]`` float32 or None: quantize ``w * col_scale`` (the fp32 product) instead of
+            ``w``, without writing that product (INT8 mixed precision's ``g * W.scale``).
 
     Returns:
         ``int_data`` int8 ``[N, K]`` in ``[-127, 127]`` and ``scale`` float32 ``[N]``.
 
     Raises:
-        ValueError: ``w`` not 2-D with K >= 1, or ``noise`` of another shape or device.
+        ValueError: ``w`` not 2-D with K >= 1, ``noise`` of another shape or device, or a bad ``col_scale``.
         TypeError: ``w`` not a 16/32-bit float, or ``noise`` not float32.
     """
-    _check_args(w, noise)
+    _check_args(w, noise, col_scale)
     wf = w.detach().float()
+    if col_scale is not None:
+        wf = wf * col_scale
     absmax = wf.abs().amax(dim=1)
     # Divide by a tensor, not the Python int: CUDA torch turns `t / 127` into `t * fp32(1 / 127)`,
     # an ulp off for ~4% of rows (flipping round-half-even ties); tensor / tensor is IEEE on CPU
@@ -97,12 +108,14 @@ def _round_to_bf16(x):
 def _quantize_rowwise_int8_kernel(
     w_ptr,  # [N, K] float, contiguous
     noise_ptr,  # [N, K] float32, contiguous (read only if HAS_NOISE)
+    cs_ptr,  # [K] float32 column scale (read only if HAS_COL_SCALE)
     q_ptr,  # [N, K] int8 out
     s_ptr,  # [N] float32 out
     K,
     seed,
     STOCHASTIC: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
@@ -113,6 +126,8 @@ def _quantize_rowwise_int8_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
         w = tl.load(w_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            w = w * tl.load(cs_ptr + cols, mask=cols < K, other=0.0)
         absmax = tl.maximum(absmax, tl.abs(w))
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
     scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), 127.0), 1e-12)
@@ -123,6 +138,8 @@ def _quantize_rowwise_int8_kernel(
         cols = k0 + offs
         mask = cols < K
         w = tl.load(w_ptr + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            w = w * tl.load(cs_ptr + cols, mask=mask, other=0.0)
         v = tl.math.div_rn(w, scale)
         if STOCHASTIC:
             if HAS_NOISE:
@@ -141,28 +158,32 @@ def _quantize_rowwise_int8_kernel(
 
 
 def quantize_rowwise_int8_triton(
-    w: Tensor, stochastic: bool = False, noise: Tensor | None = None, seed: int | None = None
-) -> tuple[Tensor, Tensor]:
+    w: Tensor, stochastic: bool = False, noise: Tensor | None = None, seed: int | None = None,
+    col_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Triton version of :func:`quantize_rowwise_int8_reference`; one program per row.
 
     ``seed`` (an int in ``[0, 2**31 - 1)``) seeds the in-kernel Philox draws when ``stochastic``
     and ``noise`` is None; by default it is drawn from torch's CPU generator, so
     ``torch.manual_seed`` makes the result reproducible. The draws differ from ``torch.rand``'s.
     """
-    _check_args(w, noise)
+    _check_args(w, noise, col_scale)
     if seed is None:
         # drawn outside the custom op: under torch.compile the op body only sees fake tensors
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic and noise is None else 0
     has_noise = stochastic and noise is not None
     return torch.ops.quantframe.quantize_rowwise_int8(
-        w.detach().contiguous(), noise.contiguous() if has_noise else None, stochastic, seed
-    )
+        w.detach().contiguous(), noise.contiguous() if has_noise else None, stochastic, seed,
+        col_scale.contiguous() if col_scale is not None else None,
+    )  # fmt: skip
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernel (the activation quantization of
 # int8 mixed-precision training runs inside compiled forwards); in eager mode it just launches it.
 @triton_op("quantframe::quantize_rowwise_int8", mutates_args=())
-def _quantize_rowwise_int8_op(w: Tensor, noise: Tensor | None, stochastic: bool, seed: int) -> tuple[Tensor, Tensor]:
+def _quantize_rowwise_int8_op(
+    w: Tensor, noise: Tensor | None, stochastic: bool, seed: int, col_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Contiguous ``w [N, K]``; arguments already checked by :func:`quantize_rowwise_int8_triton`."""
     n, k = w.shape  # the kernel indexes rows as row * K
     q = torch.empty((n, k), dtype=torch.int8, device=w.device)
@@ -172,23 +193,27 @@ def _quantize_rowwise_int8_op(w: Tensor, noise: Tensor | None, stochastic: bool,
     wrap_triton(_quantize_rowwise_int8_kernel)[(n,)](
         w,
         noise if noise is not None else w,  # a dummy pointer when the kernel reads no noise
+        col_scale if col_scale is not None else w,  # likewise
         q,
         scale,
         k,
         seed,
         STOCHASTIC=stochastic,
         HAS_NOISE=noise is not None,
+        HAS_COL_SCALE=col_scale is not None,
         BLOCK_K=min(triton.next_power_of_2(k), _MAX_BLOCK_K),
     )
     return q, scale
 
 
-def quantize_rowwise_int8(w: Tensor, stochastic: bool = False, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_rowwise_int8(
+    w: Tensor, stochastic: bool = False, noise: Tensor | None = None, col_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int8 of ``w [N, K]`` -> ``(int8 [N, K], fp32 [N])``: Triton on CUDA, else reference.
 
     Same arguments, result and errors as :func:`quantize_rowwise_int8_reference`. Stochastic
     rounding without ``noise`` draws different (equally distributed) noise on the two paths.
     """
     if use_triton(w):
-        return quantize_rowwise_int8_triton(w, stochastic, noise)
-    return quantize_rowwise_int8_reference(w, stochastic, noise)
+        return quantize_rowwise_int8_triton(w, stochastic, noise, col_scale=col_scale)
+    return quantize_rowwise_int8_reference(w, stochastic, noise, col_scale)

@@ -198,10 +198,10 @@ class Int8MixedPrecisionQTLinearWeight(Int8QTLinearWeight):
 
 
 # ---- linear ----------------------------------------------------------------------------------
-def _rowwise(t: Tensor) -> tuple[Tensor, Tensor]:
+def _rowwise(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     from quantframe.kernels.int8_rowwise import quantize_rowwise_int8 as kernel
 
-    return kernel(t)
+    return kernel(t, col_scale=col_scale)
 
 
 def _mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16) -> Tensor:
@@ -240,7 +240,7 @@ def _grad_input(g: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
             return int8_weight_mm(g, w.int_data, w.scale, transpose=True).to(dtype)
         return (g @ w.float_data.to(g.dtype)).to(dtype)
     if int8_weights:  # (g * scale) @ int_data: the stored codes, their row scale folded into g
-        gq, gs = _rowwise(g * w.scale)
+        gq, gs = _rowwise(g, col_scale=w.scale)  # in the quantizer: g * scale is never written
         ones = torch.ones(w.shape[1], dtype=torch.float32, device=g.device)
         return _mm(gq, w.int_data.T, gs, ones, out_dtype=dtype)
     gq, gs = _rowwise(g)

@@ -211,6 +211,10 @@ BAD_INPUTS = [
         r"noise \(shape \(8, 4\).*must match w \(shape \(4, 8\)",
         id="noise-shape",
     ),
+    pytest.param(dict(w=torch.randn(4, 8), col_scale=torch.ones(4)), ValueError, r"col_scale must be float32 \[8\]",
+                 id="col-scale-shape"),
+    pytest.param(dict(w=torch.randn(4, 8), col_scale=torch.ones(8).double()), ValueError,
+                 r"col_scale must be float32 \[8\]", id="col-scale-fp64"),
 ]
 
 
@@ -219,3 +223,17 @@ BAD_INPUTS = [
 def test_bad_input_raises(impl, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         impl(**kwargs)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("n, k, dtype", CASES)
+def test_column_scale_quantizes_the_fp32_product_without_writing_it(n, k, dtype, stochastic):
+    # col_scale: the codes and scales of w * col_scale (fp32 product, as torch computes bf16 * fp32),
+    # which INT8 mixed precision's grad-input quantizes (g * W.scale) without materializing it.
+    w, col_scale = _weight(n, k, dtype), torch.rand(k) * 0.02 + 1e-3
+    noise = torch.rand(n, k) if stochastic else None
+    expected = quantize_rowwise_int8_reference(w * col_scale, stochastic, noise)
+    assert (w * col_scale).dtype == torch.float32
+    for impl in IMPLS.values():
+        q, s = impl(w, stochastic, noise, col_scale=col_scale)
+        assert torch.equal(q, expected[0]) and torch.equal(s, expected[1])
