@@ -507,6 +507,8 @@ _WEIGHT_KEYS = ("int_data", "scale", "grad", "exp_avg", "exp_avg_sq", "exp_avg_s
 
 def _multi_args(weights: list[dict], kwargs: dict) -> tuple[bool, int]:
     """Check each weight as :func:`adamw_step` would, and that they can share one launch; (8-bit, K)."""
+    if "noise" in kwargs:
+        raise TypeError("adamw_step_multi: takes no noise (each weight draws its own from seed + t)")
     if not weights:
         raise ValueError("adamw_step_multi: no weights")
     shared = {key: kwargs.get(key) for key in ("exp_avg_qmap", "exp_avg_sq_qmap")}
@@ -545,8 +547,6 @@ def adamw_step_multi(weights: list[dict], *, seed: int | None = None, **kwargs) 
         TypeError / ValueError: as :func:`adamw_step` for each weight, an unknown key, or weights that
             cannot share a launch.
     """
-    if "noise" in kwargs:
-        raise TypeError("adamw_step_multi: takes no noise (each weight draws its own from seed + t)")
     is_8bit, k = _multi_args(weights, kwargs)
     int_data = weights[0]["int_data"]
     if not use_triton(int_data):
@@ -565,8 +565,6 @@ def adamw_step_multi(weights: list[dict], *, seed: int | None = None, **kwargs) 
 def adamw_step_multi_triton(weights: list[dict], *, seed: int, **kwargs) -> None:
     """The one launch of :func:`adamw_step_multi` (any device the Triton backend runs on: CUDA, or
     CPU under ``TRITON_INTERPRET=1``); same arguments and errors."""
-    if "noise" in kwargs:
-        raise TypeError("adamw_step_multi: takes no noise (each weight draws its own from seed + t)")
     _multi_launch(weights, *_multi_args(weights, kwargs), seed, kwargs)
 
 

@@ -131,7 +131,8 @@ def affine_mm_reference(
 # ---- Triton ------------------------------------------------------------------------------------
 @triton.jit
 def _packed_bytes(q_ptr, offs_n, mask_n, byte, n_bytes, stride_qn, stride_qk):
-    """int32 bytes ``qdata[offs_n, byte]`` of a ``[BLOCK_N, len(byte)]`` tile; 0 past ``n_bytes``."""
+    """int32 bytes ``qdata[offs_n, byte]`` of a ``[BLOCK_N, len(byte)]`` tile (as signed or unsigned as
+    qdata); 0 past ``n_bytes``."""
     return tl.load(
         q_ptr + offs_n[:, None] * stride_qn + byte[None, :] * stride_qk,
         mask=mask_n[:, None] & (byte < n_bytes)[None, :],
@@ -146,13 +147,8 @@ def _codes_minus_zero(
 ):  # fmt: skip
     """int32 ``code - zero_point`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (group ``g``);
     lanes past ``K`` hold ``-zero_point`` and must meet zeros of x."""
-    if BITS == 8:
-        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        q = tl.load(
-            q_ptr + offs_n[:, None] * stride_qn + rk[None, :] * stride_qk,
-            mask=mask_n[:, None] & (rk < K)[None, :],
-            other=0,
-        ).to(tl.int32)  # int8 sign-extends, uint8 zero-extends
+    if BITS == 8:  # one code per byte; int8 sign-extends, uint8 zero-extends
+        q = _packed_bytes(q_ptr, offs_n, mask_n, k0 + tl.arange(0, BLOCK_K).to(tl.int64), K, stride_qn, stride_qk)
     elif BITS == 4:
         # Two codes per byte, element 2i in the low nibble. The tile's BLOCK_K / 2 bytes are loaded
         # as one contiguous run (vectorized), then the nibbles interleaved back into K order: loading

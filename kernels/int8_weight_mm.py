@@ -360,7 +360,6 @@ def int8_weight_mm(
         if x.dim() and x.shape[-1] and x.numel() // x.shape[-1] >= DENSE_MIN_ROWS:
             return int8_weight_mm_dense(x, int_data, scale, bias, transpose)
         return int8_weight_mm_triton(x, int_data, scale, bias, transpose)
-    if is_traced(x):  # the reference's math, traced so the compiled step saves no W
-        _check_args(x, int_data, scale, bias, transpose)
-        return _dense_traced(x, int_data, scale, bias, transpose)
+    if is_traced(x):  # traced: the dense path's aten ops (fp32 off CUDA), so the compiled step saves no W
+        return int8_weight_mm_dense(x, int_data, scale, bias, transpose)
     return int8_weight_mm_reference(x, int_data, scale, bias, transpose)
