@@ -68,7 +68,11 @@ def prune_gemv(group_key: str) -> Callable:
         group, block_m = kwargs[group_key], kwargs["BLOCK_M"]
         ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
         fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
-        return fit or ok[:1]
+        # Measured on H200 (triton 3.6): BLOCK_N = BLOCK_K = 16 at BLOCK_M = 16 returns wrong sums
+        # for the packed 4/3/2-bit affine weights (their codes are interleaved back into K order);
+        # the same tile at BLOCK_M <= 8, and every other tile, agree with the reference.
+        safe = [c for c in fit if block_m < 16 or c.kwargs["BLOCK_K"] > 16]
+        return safe or fit or ok[:1]
 
     return prune
 
@@ -174,7 +178,12 @@ def launch(
     constexprs["HAS_BIAS"] = bias is not None
     if m <= GEMV_MAX_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        wrap_triton(gemv_kernel)[grid](*args, **constexprs, BLOCK_M=triton.next_power_of_2(m))
+        # Groups of 16 leave only 16-wide K tiles, which miscompute at 16 rows (prune_gemv): 8 rows a launch.
+        step = 8 if m > 8 and 16 in (constexprs.get("GROUP_SIZE"), constexprs.get("BLOCK_SIZE")) else m
+        for i in range(0, m, step):
+            rows = min(step, m - i)
+            part = (x[i : i + rows], *args[1:5], y[i : i + rows], rows, *args[7:])
+            wrap_triton(gemv_kernel)[grid](*part, **constexprs, BLOCK_M=triton.next_power_of_2(rows))
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         dot_fp32 = x.dtype == torch.float32 or interpreted()

@@ -181,7 +181,7 @@ _GEMV_SHAPES = [(16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32
 
 
 @triton.autotune(
-    configs=wmm.gemv_configs(_GEMV_SHAPES, interpreter_block_k=32),  # (BLOCK_N, BLOCK_K) at 4 warps
+    configs=wmm.gemv_configs(_GEMV_SHAPES, interpreter_block_k=16),  # (BLOCK_N, BLOCK_K) at 4 warps
     key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"],
     prune_configs_by={"early_config_prune": wmm.prune_gemv("GROUP_SIZE")},
 )
@@ -246,7 +246,7 @@ def _affine_gemv_kernel(
 
 
 @triton.autotune(
-    configs=wmm.gemm_configs(wmm.GEMM_SHAPES, interpreter_block_k=32),
+    configs=wmm.gemm_configs([*wmm.GEMM_SHAPES, (64, 64, 16, 4, 4)], interpreter_block_k=16),
     key=["M", "N", "K", "BITS", "GROUP_SIZE", "DOT_FP32"],
     prune_configs_by={"early_config_prune": wmm.prune_gemm("GROUP_SIZE")},
 )

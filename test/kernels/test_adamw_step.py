@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+import quantframe.kernels.adamw_step as adamw_step_module
 from quantframe.kernels.adamw_step import (
     _map_info,
     _nearest_code,
@@ -155,28 +156,55 @@ def _code_probes(qmap: torch.Tensor) -> torch.Tensor:
     return x.clamp(float(qmap[0]), 1.0)
 
 
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_nearest_code_of_the_dynamic_map_equals_bucketize(signed):
-    # The dynamic map's nearest code comes from its layout (no search): it must equal the binary
-    # search, i.e. torch.bucketize on the midpoints, everywhere, ties and decade edges included.
-    qmap = create_dynamic_map(signed)
-    mids, kind = _map_info(qmap)
-    assert kind == (1 if signed else 2)
-    x = _code_probes(qmap)
-    expected = torch.bucketize(x, mids).to(torch.int32)
-    for map_kind in (kind, 0):  # 0: the search, which any sorted map takes
+def _close_codes_map():
+    """A sorted map with three codes within 1e-4 of 0.5: two midpoints share a bucket."""
+    return torch.cat([torch.linspace(-1, 1, 253), torch.tensor([0.5001, 0.5002, 0.5003])]).sort().values
+
+
+MAPS = {
+    "dynamic-signed": lambda: create_dynamic_map(True),
+    "dynamic-unsigned": lambda: create_dynamic_map(False),
+    "linear": lambda: torch.linspace(-1, 1, 256),
+    "close-codes": _close_codes_map,
+}
+
+
+def _check_nearest_code(name, device):
+    qmap = MAPS[name]().to(device)
+    info, kind = _map_info(qmap)
+    assert kind == (0 if name == "close-codes" else 1)
+    assert info.numel() == (255 if kind == 0 else 255 + 6400)
+    edges = ((103 << 23) + (torch.arange(3201, dtype=torch.int32) << 16)).view(torch.float32)  # bucket ends
+    edges = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0))])
+    x = torch.cat([_code_probes(qmap.cpu()), edges, -edges,
+                   torch.tensor([2.0, -2.0, 3e38, -3e38, 1e-30, -1e-30, -0.0])]).to(device)  # fmt: skip
+    expected = torch.bucketize(x, info[:255]).to(torch.int32)
+    for map_kind in sorted({kind, 0}):
         out = torch.empty_like(expected)
-        _codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, mids, out, x.numel(), MAP=map_kind, BLOCK=1024)
+        _codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, info, out, x.numel(), MAP=map_kind, BLOCK=1024)
         assert torch.equal(out, expected), (map_kind, (out != expected).sum())
 
 
-def test_another_map_takes_the_search():
-    qmap = torch.linspace(-1, 1, 256)
-    mids, kind = _map_info(qmap)
-    assert kind == 0 and torch.equal(mids, (qmap[1:] + qmap[:-1]) / 2)
+@pytest.mark.parametrize("name", MAPS)
+def test_nearest_code_equals_bucketize(name):
+    # The bucketed lookup (two loads) and the binary search must both equal torch.bucketize on the
+    # midpoints everywhere: ties, bucket and decade edges, tiny and out-of-range values. The maps
+    # whose codes are far enough apart take the buckets; one with codes 1e-4 apart the search.
+    _check_nearest_code(name, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MAPS)
+def test_nearest_code_equals_bucketize_on_cuda(name):
+    _check_nearest_code(name, "cuda")
+
+
+def test_map_info_is_cached_and_follows_in_place_writes():
     qmap = create_dynamic_map(True)
-    assert _map_info(qmap)[1] == 1
-    qmap[3] = 0.5  # written in place: the cached kind is stale and must be recomputed
+    info, kind = _map_info(qmap)
+    assert kind == 1 and torch.equal(info[:255], (qmap[1:] + qmap[:-1]) / 2)
+    assert _map_info(qmap)[0] is info  # cached: the table is built once per map
+    qmap[3] = 0.5  # written in place (now unsorted): the cached entry is stale, the map takes the search
     assert _map_info(qmap)[1] == 0
 
 
@@ -294,6 +322,27 @@ def test_multi_launch_equals_one_launch_per_weight_with_seed_plus_t(rows, k, sta
         adamw_step_triton(**w, **shared, seed=1234 + t)
     for t, (a, b) in enumerate(zip(multi, single)):
         assert (a["int_data"] != weights[t]["int_data"]).any()  # the step moved every weight
+        for name in a:
+            assert torch.equal(a[name], b[name]), (t, name)
+
+
+def test_multi_launch_of_unaligned_tensors_launches_each_weight(monkeypatch):
+    # The one-launch kernel reads 16-byte aligned tensors (vectorized loads); a weight whose tensor
+    # starts elsewhere (here int8 data one byte into a buffer) sends the group to one launch each.
+    weights, shared = _weights((2, 3), 64, "bf16", torch.bfloat16)
+    buf = torch.zeros(weights[1]["int_data"].numel() + 1, dtype=torch.int8)
+    weights[1]["int_data"] = buf[1:].view(weights[1]["int_data"].shape).copy_(weights[1]["int_data"])
+    multi, single = _copy(weights), _copy(weights)
+    multi[1]["int_data"] = buf.clone()[1:].view(weights[1]["int_data"].shape)
+    assert multi[1]["int_data"].data_ptr() % 16 != 0
+    calls = []
+    one = adamw_step_module.adamw_step_triton
+    monkeypatch.setattr(adamw_step_module, "adamw_step_triton", lambda **kw: calls.append(kw["seed"]) or one(**kw))
+    adamw_step_multi_triton(multi, seed=99, **shared)
+    assert calls == [99, 100]
+    for t, w in enumerate(single):
+        one(**w, **shared, seed=99 + t)
+    for t, (a, b) in enumerate(zip(multi, single)):
         for name in a:
             assert torch.equal(a[name], b[name]), (t, name)
 

@@ -6,6 +6,7 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 import pytest
 import quantframe.kernels.affine_mm as affine_mm_module
 import torch
+import triton
 from quantframe.kernels.affine_mm import (
     affine_dequantize,
     affine_dequantize_triton,
@@ -265,7 +266,7 @@ def test_triton_rejects_what_only_the_reference_takes(kwargs, exc, match):
 @pytest.mark.parametrize(
     "bits, symmetric, group",
     [(8, True, None), (8, False, 128), (4, False, 128), (4, True, 32), (4, False, None), (3, False, 128),
-     (2, True, 64)],  # fmt: skip
+     (2, True, 64), (4, False, 16), (2, False, 16)],  # fmt: skip
 )
 def test_triton_matches_reference_on_cuda(bits, symmetric, group, m):
     n, k = 4096, 4096
@@ -283,3 +284,43 @@ def test_triton_matches_reference_on_cuda(bits, symmetric, group, m):
     compiled = torch.compile(affine_mm, fullgraph=True)
     # not bit-exact: inductor autotunes the kernel again and may pick another tile (summation order)
     assert_close_at_scale(compiled(x, qdata, scale, zero_point, bits, group, bias), y_ref)
+
+
+def test_gemv_prune_drops_the_16x16_tile_at_16_rows():
+    # BLOCK_N = BLOCK_K = 16 with BLOCK_M = 16 gave wrong sums on the GPU for packed weights; the
+    # prune keeps it only where nothing else divides the group (groups of 16).
+    from quantframe.kernels import _weight_mm as wmm
+
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4) for n, k in ((16, 16), (16, 32), (32, 64))]
+    prune = wmm.prune_gemv("GROUP_SIZE")
+    tiles = lambda kept: [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]  # noqa: E731
+    assert tiles(prune(configs, {}, GROUP_SIZE=128, BLOCK_M=16)) == [(16, 32)]  # (32, 64): too big
+    assert tiles(prune(configs, {}, GROUP_SIZE=128, BLOCK_M=8)) == [(16, 16), (16, 32)]
+    assert tiles(prune(configs, {}, GROUP_SIZE=16, BLOCK_M=16)) == [(16, 16)]
+
+
+@pytest.mark.parametrize("m", [9, 16])
+def test_groups_of_16_take_8_rows_a_gemv_launch(m, monkeypatch):
+    # Groups of 16 force the 16-wide K tile, wrong at BLOCK_M = 16 on the GPU: 9..16 rows run as
+    # launches of at most 8 rows, which together equal the reference.
+    from quantframe.kernels import _weight_mm as wmm
+
+    blocks = []
+
+    class Recording:  # wrap_triton(kernel)[grid](...), noting each launch's BLOCK_M
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                blocks.append(kwargs["BLOCK_M"])
+                return self.kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(wmm, "wrap_triton", Recording)
+    qdata, scale, zero_point = _weight(48, 64, 4, 16, False)
+    x = torch.randn(m, 64)
+    y = affine_mm_triton(x, qdata, scale, zero_point, 4, 16)
+    assert blocks == [8, triton.next_power_of_2(m - 8)]
+    torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, 16), rtol=1e-5, atol=1e-4)
