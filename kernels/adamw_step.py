@@ -209,28 +209,35 @@ def _nearest_code(x, info_ptr, MAP: tl.constexpr):
 
 
 @triton.jit
+def _per_element(per_block, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):
+    """``[BLOCK_B]`` block values repeated over each block's ``QBLOCK`` elements: ``[BLOCK_B * QBLOCK]``."""
+    return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCK_B, QBLOCK)), (BLOCK_B * QBLOCK,))
+
+
+@triton.jit
 def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                   decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
                   STATE_8BIT: tl.constexpr, MAXIMIZE: tl.constexpr,
                   BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
-    """The updated weight and moments (fp32) of one [BLOCK_B, QBLOCK] chunk of a row, from the old ones.
+    """The updated weight and moments (fp32) of one chunk of ``BLOCK_B * QBLOCK`` elements of a row, from
+    the old ones. ``q_ptr``, ``g_ptr``, ``m_ptr``, ``v_ptr`` point at the row's first element.
 
-    ``q_ptr``, ``g_ptr``, ``m_ptr``, ``v_ptr`` point at the row's first element."""
-    b = tl.arange(0, BLOCK_B)[:, None]
-    cols = k0 + b * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    mask = cols < K
-    idx = cols  # int32 offsets within the row: the pointers already point at the row's start
-    blk = (row * K + k0) // QBLOCK + b  # 8-bit: the state block of each tile row (QBLOCK = 256)
-    bmask = (k0 + b * QBLOCK) < K
+    Tiles are 1-D (8-bit: BLOCK_B state blocks of QBLOCK = 256, reshaped to 2-D only to reduce each
+    block): a 2-D tile with gathers (code -> value, midpoints) or [BLOCK_B, 1] block-scale pointers
+    made Triton order the whole tile column-major, with 11 shared-memory layout conversions a chunk."""
+    idx = k0 + tl.arange(0, BLOCK_B * QBLOCK)  # int32 offsets within the row
+    mask = idx < K
+    blk = (row * K + k0) // QBLOCK + tl.arange(0, BLOCK_B)  # 8-bit: the chunk's state blocks
+    bmask = (k0 + tl.arange(0, BLOCK_B) * QBLOCK) < K
     p = tl.load(q_ptr + idx, mask=mask, other=0).to(tl.float32) * old_scale
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
     if STATE_8BIT:
         m = tl.load(mq_ptr + tl.load(m_ptr + idx, mask=mask, other=0).to(tl.int32))
-        m = m * tl.load(ms_ptr + blk, mask=bmask, other=0.0)
+        m = m * _per_element(tl.load(ms_ptr + blk, mask=bmask, other=0.0), BLOCK_B, QBLOCK)
         v = tl.load(vq_ptr + tl.load(v_ptr + idx, mask=mask, other=0).to(tl.int32))
-        v = v * tl.load(vs_ptr + blk, mask=bmask, other=0.0)
+        v = v * _per_element(tl.load(vs_ptr + blk, mask=bmask, other=0.0), BLOCK_B, QBLOCK)
     else:
         m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -248,9 +255,11 @@ def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, ro
 @triton.jit
 def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr, MAP: tl.constexpr):
     if STATE_8BIT:
-        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)[:, None]  # one per state block
+        blocks = tl.reshape(tl.abs(x), (blk.shape[0], x.shape[0] // blk.shape[0]))
+        absmax = tl.maximum(tl.max(blocks, axis=1), 1e-12)  # one per state block
         tl.store(absmax_ptr + blk, absmax, mask=bmask)
-        tl.store(ptr + idx, _nearest_code(x / absmax, mid_ptr, MAP).to(tl.uint8), mask=mask)
+        y = x / _per_element(absmax, blk.shape[0], x.shape[0] // blk.shape[0])
+        tl.store(ptr + idx, _nearest_code(y, mid_ptr, MAP).to(tl.uint8), mask=mask)
     elif ptr.dtype.element_ty == tl.bfloat16:  # rounded to nearest (even), as torch's bf16 moments
         tl.store(ptr + idx, _round_to_bf16(x).to(tl.bfloat16), mask=mask)
     else:
@@ -258,10 +267,10 @@ def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT:
 
 
 @triton.jit
-def _uniform(seed, idx, R: tl.constexpr, C: tl.constexpr):
-    """U[0, 1) per element of an [R, C] tile (C % 4 == 0) whose last dim holds consecutive counters:
-    one Philox call gives 4 draws, element ``4j + i`` takes draw ``i`` of counter ``idx[:, 4j + 3]``."""
-    ctr = tl.max(tl.reshape(idx, (R, C // 4, 4)), axis=2)  # 4j + 3: a distinct counter per group
+def _uniform(seed, idx, N: tl.constexpr):
+    """U[0, 1) per element of a 1-D tile of N (% 4 == 0) consecutive counters: one Philox call gives 4
+    draws, element ``4j + i`` takes draw ``i`` of counter ``idx[4j + 3]``."""
+    ctr = tl.max(tl.reshape(idx, (N // 4, 4)), axis=1)  # 4j + 3: a distinct counter per group
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     return tl.random.uint_to_uniform_float(bits)
@@ -276,7 +285,7 @@ def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_
     if HAS_NOISE:
         u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
     else:
-        u = _uniform(seed, rbase + idx, BLOCK_B, QBLOCK)  # counters: global element indices
+        u = _uniform(seed, rbase + idx, BLOCK_B * QBLOCK)  # counters: global element indices
     lo = tl.floor(x)
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
@@ -302,18 +311,18 @@ def _adamw_row(
         p, m, v, idx, mask, blk, bmask = _chunk_update(
             q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, 0, old_scale,
             decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
-        absmax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
+        absmax = tl.max(tl.abs(p), axis=0)
         new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
         _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
                      mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
-        acc = tl.zeros((BLOCK_B, QBLOCK), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_B * QBLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_B * QBLOCK):
             p, m, v, idx, mask, blk, bmask = _chunk_update(
                 q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
             acc = tl.maximum(acc, tl.abs(p))
-        new_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(acc, axis=1), axis=0), 127.0), 1e-12)
+        new_scale = tl.maximum(tl.math.div_rn(tl.max(acc, axis=0), 127.0), 1e-12)
         for k0 in range(0, K, BLOCK_B * QBLOCK):  # chunk k0 is read before it is overwritten
             p, m, v, idx, mask, blk, bmask = _chunk_update(
                 q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
