@@ -187,21 +187,21 @@ def _nearest_code_bucketed(x, info_ptr):
 
     fp32 magnitudes fall in buckets of 1/128 octave (the bits of ``x`` above the lowest 16: exponent
     and 7 mantissa bits; magnitudes below 2**-24 share the first bucket, those from 2 on the last),
-    one set per sign: 6400 buckets. ``info[255 + b]`` holds the code of bucket ``b``'s end nearest
-    to 0 (:func:`_bucket_codes`); with at most one boundary inside a bucket, one compare with the
+    one set per sign: 6400 buckets. ``info[256 + b]`` holds the code of bucket ``b``'s end nearest
+    to 0 (:func:`_bucket_codes`, int32 bits in the fp32 buffer); with at most one boundary inside a bucket, one compare with the
     next midpoint settles the code. The 8-bit step is bound by instruction issue, and this costs ~12
     instructions a value, against ~65 for a candidate from the dynamic map's decades.
     """
     bits = x.to(tl.int32, bitcast=True)
     b = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) - (103 << 23), 0), (25 << 23) - 1) >> 16
-    t = tl.load(info_ptr + 255 + b + tl.where(bits < 0, 3200, 0)).to(tl.int32)
-    return t + tl.where((t < 255) & (tl.load(info_ptr + tl.minimum(t, 254)) < x), 1, 0)
+    t = tl.load(info_ptr + 256 + b + tl.where(bits < 0, 3200, 0)).to(tl.int32, bitcast=True)
+    return t + tl.where(tl.load(info_ptr + t) < x, 1, 0)  # info[255] = inf: code 255 stays
 
 
 @triton.jit
 def _nearest_code(x, info_ptr, MAP: tl.constexpr):
     """MAP 0: any sorted map (binary search; ``info`` holds the 255 midpoints); 1: ``info`` also holds
-    the bucket codes (:func:`_map_info`)."""
+    inf and the bucket codes (:func:`_map_info`)."""
     if MAP == 0:
         return _nearest_code_search(x, info_ptr)
     else:
@@ -443,7 +443,7 @@ _BUCKETS = 25 * 128  # per sign: 1/128 octave from 2**-24 to 2 (_nearest_code_bu
 
 
 def _bucket_codes(mids: Tensor) -> Tensor | None:
-    """fp32 ``[2 * 3200]``: for each bucket of :func:`_nearest_code_bucketed` (positive magnitudes, then
+    """int32 ``[2 * 3200]``: for each bucket of :func:`_nearest_code_bucketed` (positive magnitudes, then
     negative), the code of its end nearest to 0, i.e. ``bucketize`` there; None if some bucket holds
     more than one midpoint (codes closer than ~1/128 of their magnitude) or ``mids`` is unsorted."""
     if not bool((mids[1:] > mids[:-1]).all()):
@@ -455,13 +455,13 @@ def _bucket_codes(mids: Tensor) -> Tensor | None:
     neg = torch.bucketize(-hi, mids, right=True)  # x in (-hi, -lo]: code neg, or neg + 1 past mids[neg]
     if (torch.bucketize(hi, mids) - pos).max() > 1 or (torch.bucketize(-lo, mids) - neg).max() > 1:
         return None
-    return torch.cat([pos, neg]).float()
+    return torch.cat([pos, neg]).to(torch.int32)
 
 
 def _map_info(qmap: Tensor) -> tuple[Tensor, int]:
     """``(info, kind)`` of a code map for :func:`_nearest_code`: ``info`` starts with the 255 midpoints
-    ``(q[1:] + q[:-1]) / 2`` (bucketize's boundaries, as the reference); kind 1 if the bucket codes
-    follow (any sorted map whose neighbouring codes differ by more than ~1/128 of their size, as the
+    ``(q[1:] + q[:-1]) / 2`` (bucketize's boundaries, as the reference); kind 1 if inf and the bucket
+    codes follow (any sorted map whose neighbouring codes differ by more than ~1/128 of their size, as the
     dynamic maps), else 0 (binary search). Cached per map: OptimState8bit's maps are shared and never
     written (``_version`` catches one that is), so the table (one device sync) is built once per map,
     not per step; the entry holds the map, so no other tensor can take its address."""
@@ -470,7 +470,11 @@ def _map_info(qmap: Tensor) -> tuple[Tensor, int]:
     if hit is None or hit[1] != qmap._version or hit[0].shape != qmap.shape:
         mids = (qmap[1:] + qmap[:-1]) * 0.5
         codes = _bucket_codes(mids.cpu()) if qmap.numel() == 256 else None
-        info = mids if codes is None else torch.cat([mids, codes.to(mids.device)])
+        if codes is None:
+            info = mids
+        else:  # inf after the midpoints: the compare after code 255 is always false
+            tail = torch.cat([torch.tensor([math.inf]), codes.view(torch.float32)]).to(mids.device)
+            info = torch.cat([mids, tail])
         hit = _MAPS[key] = (qmap, qmap._version, info, 0 if codes is None else 1)
     return hit[2], hit[3]
 

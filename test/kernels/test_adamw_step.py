@@ -173,7 +173,7 @@ def _check_nearest_code(name, device):
     qmap = MAPS[name]().to(device)
     info, kind = _map_info(qmap)
     assert kind == (0 if name == "close-codes" else 1)
-    assert info.numel() == (255 if kind == 0 else 255 + 6400)
+    assert info.numel() == (255 if kind == 0 else 256 + 6400)
     edges = ((103 << 23) + (torch.arange(3201, dtype=torch.int32) << 16)).view(torch.float32)  # bucket ends
     edges = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0))])
     x = torch.cat([_code_probes(qmap.cpu()), edges, -edges,
