@@ -188,9 +188,10 @@ def _nearest_code_bucketed(x, info_ptr):
     fp32 magnitudes fall in buckets of 1/128 octave (the bits of ``x`` above the lowest 16: exponent
     and 7 mantissa bits; magnitudes below 2**-24 share the first bucket, those from 2 on the last),
     one set per sign: 6400 buckets. ``info[256 + b]`` holds the code of bucket ``b``'s end nearest
-    to 0 (:func:`_bucket_codes`, int32 bits in the fp32 buffer); with at most one boundary inside a bucket, one compare with the
-    next midpoint settles the code. The 8-bit step is bound by instruction issue, and this costs ~12
-    instructions a value, against ~65 for a candidate from the dynamic map's decades.
+    to 0 (:func:`_bucket_codes`, int32 bits in the fp32 buffer); with at most one boundary inside a
+    bucket, one compare with the next midpoint settles the code. The 8-bit step is bound by
+    instruction issue: this costs ~10 instructions a value, against ~65 for a candidate from the
+    dynamic map's decades.
     """
     bits = x.to(tl.int32, bitcast=True)
     b = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) - (103 << 23), 0), (25 << 23) - 1) >> 16
