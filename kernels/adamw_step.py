@@ -268,17 +268,17 @@ def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT:
 
 
 @triton.jit
-def _uniform(seed, idx, N: tl.constexpr):
-    """U[0, 1) per element of a 1-D tile of N (% 4 == 0) consecutive counters: one Philox call gives 4
-    draws, element ``4j + i`` takes draw ``i`` of counter ``idx[4j + 3]``."""
-    ctr = tl.max(tl.reshape(idx, (N // 4, 4)), axis=1)  # 4j + 3: a distinct counter per group
+def _uniform(seed, first, N: tl.constexpr):
+    """U[0, 1) per element of a 1-D tile of N (% 4 == 0) elements with global indices ``first + i``:
+    one Philox call gives 4 draws, element ``4j + i`` takes draw ``i`` of counter ``first + 4j + 3``."""
+    ctr = first + 4 * tl.arange(0, N // 4) + 3  # a distinct counter per group of 4
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     return tl.random.uint_to_uniform_float(bits)
 
 
 @triton.jit
-def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
+def _store_chunk(p, m, v, rbase, k0, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
                  mmid_ptr, vmid_ptr, seed, STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,
                  HAS_NOISE: tl.constexpr,
                  BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
@@ -286,7 +286,7 @@ def _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_ptr, noise_
     if HAS_NOISE:
         u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
     else:
-        u = _uniform(seed, rbase + idx, BLOCK_B * QBLOCK)  # counters: global element indices
+        u = _uniform(seed, rbase + k0, BLOCK_B * QBLOCK)  # counters: global element indices
     lo = tl.floor(x)
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
@@ -314,7 +314,7 @@ def _adamw_row(
             decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
         absmax = tl.max(tl.abs(p), axis=0)
         new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
-        _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
+        _store_chunk(p, m, v, rbase, 0, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
                      mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
     else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
         acc = tl.zeros((BLOCK_B * QBLOCK,), dtype=tl.float32)
@@ -328,7 +328,7 @@ def _adamw_row(
             p, m, v, idx, mask, blk, bmask = _chunk_update(
                 q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
                 decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
-            _store_chunk(p, m, v, rbase, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
+            _store_chunk(p, m, v, rbase, k0, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
                          vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE,
                          BLOCK_B, QBLOCK)  # fmt: skip
     tl.store(s_ptr + row, new_scale)
