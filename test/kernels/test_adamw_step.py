@@ -173,8 +173,8 @@ def _check_nearest_code(name, device):
     qmap = MAPS[name]().to(device)
     info, kind = _map_info(qmap)
     assert kind == (0 if name == "close-codes" else 1)
-    assert info.numel() == (255 if kind == 0 else 256 + 6400)
-    edges = ((103 << 23) + (torch.arange(3201, dtype=torch.int32) << 16)).view(torch.float32)  # bucket ends
+    assert info.numel() == (255 if kind == 0 else 256 + 65536)
+    edges = (torch.arange(0x7F81, dtype=torch.int32) << 16).view(torch.float32)  # bucket ends, 0 to inf
     edges = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0))])
     x = torch.cat([_code_probes(qmap.cpu()), edges, -edges,
                    torch.tensor([2.0, -2.0, 3e38, -3e38, 1e-30, -1e-30, -0.0])]).to(device)  # fmt: skip
