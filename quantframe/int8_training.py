@@ -24,6 +24,7 @@ from quantframe.tensor import (
     REQUANTIZING_INPLACE_OPS,
     WINDOW_OPS,
     QuantTensor,
+    cached_signature,
     check_weight,
     dequantizing_op,
     foreach_op,
@@ -126,6 +127,7 @@ class Int8QTLinearWeight(QuantTensor):
     # FSDP2 extension: the all-gather moves int8 data + fp32 row scales, never a float weight.
     #   fully_shard: weight --split/narrow/new_zeros (dim 0, rows)--> local shard (this class)
     #   forward:     pre_all_gather -> (int_data, scale) --all-gather--> post_all_gather -> full weight
+    @cached_signature
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
         world = mesh.size()
         if outer_size is not None and outer_size[0] % world:

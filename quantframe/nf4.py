@@ -25,6 +25,7 @@ from quantframe.tensor import (
     DEQUANTIZING_OPS,
     WINDOW_OPS,
     QuantTensor,
+    cached_signature,
     check_weight,
     dequantizing_op,
     window_op,
@@ -207,6 +208,7 @@ class NF4Tensor(QuantTensor):
     #   fully_shard: weight --split/slice/new_zeros/copy_ (dim 0, whole rows)--> local shard (NF4)
     #   forward:     pre_all_gather -> (codes, quantized_scalers, scaler_scale) --all-gather-->
     #                post_all_gather -> full NF4 weight (scaler_mean: the same on every shard)
+    @cached_signature
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
         world = mesh.size()
         rows = outer_size[0] if outer_size is not None else self.shape[0] * world

@@ -16,6 +16,7 @@ function that is not in the table goes on to aten as usual (and so to the aten t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,6 +37,7 @@ Handler = Callable[[Any, tuple, tuple, dict], Any]
 
 __all__ = [
     "QuantTensor",
+    "cached_signature",
     "check_weight",
     "unsupported_op_message",
     "DEQUANTIZING_OPS",
@@ -70,6 +72,14 @@ def _op_name(op: Any) -> str:
 def unsupported_op_message(cls: type, op: Any) -> str:
     supported = ", ".join(cls.supported_ops())
     return f"{cls.__name__} does not support {_op_name(op)}; supported: {supported}"
+
+
+def cached_signature(fn: Callable) -> Callable:
+    """Store ``inspect.signature(fn)`` on ``fn``. FSDP2 calls ``inspect.signature`` on a subclass's
+    ``fsdp_pre_all_gather`` at every all-gather of every parameter (to pick its argument list):
+    ~12 µs a call parsed from the code object, ~4 µs with the signature stored."""
+    fn.__signature__ = inspect.signature(fn)
+    return fn
 
 
 def check_weight(w: object, who: str) -> None:

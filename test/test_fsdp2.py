@@ -362,3 +362,18 @@ def test_all_gather_bytes_int8_are_half_of_bf16(fsdp_runs):
         assert int8["all_gather"] / bf16["all_gather"] == pytest.approx(0.5 + 2 / BYTES_DIM)  # 0.508
         # gradients are dense bf16 in both: INT8 weights do not shrink the reduce-scatter
         assert int8["reduce_scatter"] == bf16["reduce_scatter"] == 2 * BYTES_DIM * BYTES_DIM * 2
+
+
+@pytest.mark.parametrize("cls_name", ["Int8QTLinearWeight", "NF4Tensor"])
+def test_pre_all_gather_signature_is_stored(cls_name):
+    # FSDP2 calls inspect.signature on the bound hook at every all-gather of every parameter and
+    # needs 5 parameters; the stored signature makes that a lookup instead of a parse.
+    import inspect
+
+    import quantframe.int8_training
+    import quantframe.nf4
+
+    cls = getattr(quantframe.int8_training, cls_name, None) or getattr(quantframe.nf4, cls_name)
+    assert "__signature__" in vars(cls.fsdp_pre_all_gather)
+    assert list(inspect.signature(cls.fsdp_pre_all_gather).parameters)[1:] == [
+        "mesh", "outer_size", "outer_stride", "module", "mp_policy"]  # fmt: skip
