@@ -16,7 +16,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,6 +49,17 @@ def assert_close_at_scale(actual: Tensor, expected: Tensor, rel: float = 1e-2, m
     torch.testing.assert_close(actual, expected, atol=bound, rtol=0)
     got = sqnr(expected, actual)
     assert got >= min_sqnr, f"SQNR {got:.1f} dB < {min_sqnr} dB"
+
+
+def assert_matches_reference(got: Iterable[Tensor], ref: Iterable[Tensor], dtype: torch.dtype) -> None:
+    """Outputs (and gradients) of a kernel path against its fp32 reference: to 1e-4 for fp32 inputs
+    (the reference's math), :func:`assert_close_at_scale` for 16-bit ones (W, the product and the
+    gradients rounded to the input's dtype)."""
+    for g, r in zip(got, ref, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+        else:
+            assert_close_at_scale(g.float(), r.float(), rel=1e-2, min_sqnr=40)
 
 
 def _assert_same(a: QuantTensor, b: QuantTensor) -> None:

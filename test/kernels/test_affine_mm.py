@@ -17,7 +17,7 @@ from quantframe.kernels.affine_mm import (
 )
 
 from quantframe import primitives as P
-from quantframe.testing import assert_close_at_scale
+from quantframe.testing import assert_close_at_scale, assert_matches_reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
@@ -165,12 +165,7 @@ def test_dense_matches_reference_with_gradients(bits, dtype):
     grads = torch.autograd.grad(y, (x, bias), g)
     y_ref = affine_mm_reference(x, qdata, scale, zero_point, bits, 32, bias)
     grads_ref = torch.autograd.grad(y_ref, (x, bias), g)
-    # fp32: the reference's math; 16-bit: W, the product and the gradients rounded to x's dtype
-    for got, ref in zip((y, *grads), (y_ref, *grads_ref)):
-        if dtype == torch.float32:
-            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-        else:
-            assert_close_at_scale(got.float(), ref.float(), rel=1e-2, min_sqnr=40)
+    assert_matches_reference((y, *grads), (y_ref, *grads_ref), dtype)
 
 
 def test_dense_compiles_fullgraph_as_one_opaque_op():
