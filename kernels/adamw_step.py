@@ -446,9 +446,8 @@ def _bucket_codes(mids: Tensor) -> Tensor | None:
     if not bool((mids[1:] > mids[:-1]).all()):
         return None
     upper = torch.arange(2**15, dtype=torch.int32)  # sign 0; the sign only mirrors the bucket
-    lo = (upper << 16).view(torch.float32)
+    lo = (upper << 16).view(torch.float32)  # views of fresh int tensors: written below
     hi = ((upper + 1) << 16).view(torch.float32)  # the next bucket's start: inf after the last finite one
-    lo, hi = lo.clone(), hi.clone()
     special = upper >= 0x7F80  # inf and NaN: beyond every code
     lo[special], hi[special] = math.inf, math.inf
     pos = torch.bucketize(lo, mids)  # x in [lo, hi): code pos, or pos + 1 past mids[pos]
