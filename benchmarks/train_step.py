@@ -54,11 +54,17 @@ def anchor_model(device="cuda", dim: int = DIM, hidden: int = HIDDEN, blocks: in
 def _step_fn(model: nn.Module, opt, compiled: bool) -> Callable[[torch.Tensor], float]:
     run = torch.compile(model) if compiled else model
 
-    def step(x):
+    def step(x, marks: list | None = None):
         loss = run(x).float().square().mean()
+        if marks is not None:  # host clock after each phase (no sync: where the host is, not the GPU)
+            marks.append(time.perf_counter())
         loss.backward()
+        if marks is not None:
+            marks.append(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if marks is not None:
+            marks.append(time.perf_counter())
         return loss
 
     return step
@@ -169,10 +175,15 @@ def run_row(name: str, setup, warmup: int, steps: int, profile: bool = False) ->
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss is {loss.item()}")
         t0 = time.perf_counter()
+        marks = [t0]
         for _ in range(steps):
-            step(x)
+            step(x, marks)
         torch.cuda.synchronize()
         row["ms_per_step"] = (time.perf_counter() - t0) * 1e3 / steps
+        # Host time per phase, mean over the timed steps. A phase that blocks (the launch queue
+        # full, a sync) shows up long; a host far ahead of the GPU means a GPU-bound step.
+        gaps = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        row["host_ms"] = {phase: sum(gaps[i::3]) / steps for i, phase in enumerate(("fwd", "bwd", "opt"))}
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["loss"] = float(loss)
         row["quantframe_kernels_per_step"] = quantframe_kernels_per_step(step, x) if "quantframe" in name else None
@@ -318,15 +329,19 @@ def main(argv=None):
         for name, setup in ROWS.items()
         if not wanted or any(w in name for w in wanted)
     ]
-    ref = next((r["ms_per_step"] for r in rows if r["run"].startswith("bf16, torch AdamW fused, compiled") and "ms_per_step" in r), None)
-    print(f"\n{'run':58s} {'ms/step':>8s} {'vs bf16c':>8s} {'peak GiB':>8s} {'qf kern':>9s}")
+    bf16c = "bf16, torch AdamW fused, compiled"
+    ref = next((r["ms_per_step"] for r in rows if r["run"].startswith(bf16c) and "ms_per_step" in r), None)
+    head = f"{'ms/step':>8s} {'x bf16c':>8s} {'peak GiB':>8s} {'qf kern':>9s} {'host ms fwd/bwd/opt':>20s}"
+    print(f"\n{'run':58s} {head}")
     for r in rows:
         if "error" in r:
             print(f"{r['run']:58s} n/a  ({r['error']})")
             continue
-        speed = f"{ref / r['ms_per_step']:.2f}x" if ref else "n/a"
+        ratio = f"{r['ms_per_step'] / ref:.2f}x" if ref else "n/a"  # step time over bf16 compiled's
         k = r["quantframe_kernels_per_step"]
-        print(f"{r['run']:58s} {r['ms_per_step']:8.2f} {speed:>8s} {r['peak_gib']:8.2f} {'' if k is None else k:>9}")
+        host = "/".join(f"{v:.1f}" for v in r["host_ms"].values())
+        print(f"{r['run']:58s} {r['ms_per_step']:8.2f} {ratio:>8s} {r['peak_gib']:8.2f} {'' if k is None else k:>9} "
+              f"{host:>20s}")  # fmt: skip
     for r in rows:
         if r.get("top_kernels"):
             print(f"\n{r['run']}: top CUDA kernels of one step (ms)")
