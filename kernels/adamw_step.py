@@ -340,7 +340,7 @@ def _adamw_step_kernel(
     q_ptr, s_ptr, g_ptr,  # int8 [N, K] and fp32 [N] (read, then written); grad [N, K]
     m_ptr, v_ptr,  # states [N, K]: fp32, or uint8 codes if STATE_8BIT (read, then written)
     ms_ptr, vs_ptr, mq_ptr, vq_ptr,  # 8-bit only: block absmax [N * K / 256] and code maps [256]
-    mmid_ptr, vmid_ptr,  # 8-bit only: the maps' 255 midpoints (nearest-code search)
+    mmid_ptr, vmid_ptr,  # 8-bit only: the maps' nearest-code info (_map_info: midpoints, bucket codes)
     noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,  # MAP_*: see _nearest_code
@@ -360,7 +360,7 @@ _TABLE = 8  # int64 entries per weight in the multi-tensor table: 7 addresses + 
 def _table_ptr(base, i, like):
     """Address ``i`` of a weight's table row, typed as ``like``; 16-byte aligned (the launcher checks), which
     the compiler must be told: without it, loads from a pointer read out of memory are not vectorized
-    (measured on H200: the bf16-state step of the anchor model 2.23 ms instead of 1.41)."""
+    (measured on H200: the bf16-state step of the anchor model 2.23 ms instead of 1.31)."""
     return tl.multiple_of(tl.load(base + i).to(like.dtype), 16)
 
 
@@ -369,7 +369,7 @@ def _adamw_step_multi_kernel(
     tab_ptr,  # int64 [T, 8]: addresses of int_data, scale, grad, exp_avg, exp_avg_sq, their 8-bit
     # block absmaxes (or 0), then the weight's row count
     q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,  # weight 0's tensors: their types type the table's addresses
-    mq_ptr, vq_ptr, mmid_ptr, vmid_ptr,  # shared code maps and midpoints (8-bit only)
+    mq_ptr, vq_ptr, mmid_ptr, vmid_ptr,  # shared code maps and their nearest-code info (8-bit only)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
     ONE_PASS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
@@ -439,6 +439,8 @@ def _adamw_step_op(
 
 
 _MAPS: dict[tuple, tuple] = {}  # (device, data_ptr) -> (map, its _version, info, kind)
+
+
 def _bucket_codes(mids: Tensor) -> Tensor | None:
     """int32 ``[65536]``: for each bucket of :func:`_nearest_code_bucketed` (the fp32 values sharing their
     upper 16 bits), the code of its end nearest to 0, i.e. ``bucketize`` there; None if some bucket
