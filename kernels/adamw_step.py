@@ -253,12 +253,13 @@ def _chunk_update(q_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, ro
 
 
 @triton.jit
-def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr, MAP: tl.constexpr):
+def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT: tl.constexpr, MAP: tl.constexpr,
+                 BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
     if STATE_8BIT:
-        blocks = tl.reshape(tl.abs(x), (blk.shape[0], x.shape[0] // blk.shape[0]))
-        absmax = tl.maximum(tl.max(blocks, axis=1), 1e-12)  # one per state block
+        absmax = tl.max(tl.reshape(tl.abs(x), (BLOCK_B, QBLOCK)), axis=1)
+        absmax = tl.maximum(absmax, 1e-12)  # one per state block
         tl.store(absmax_ptr + blk, absmax, mask=bmask)
-        y = x / _per_element(absmax, blk.shape[0], x.shape[0] // blk.shape[0])
+        y = x / _per_element(absmax, BLOCK_B, QBLOCK)
         tl.store(ptr + idx, _nearest_code(y, mid_ptr, MAP).to(tl.uint8), mask=mask)
     elif ptr.dtype.element_ty == tl.bfloat16:  # rounded to nearest (even), as torch's bf16 moments
         tl.store(ptr + idx, _round_to_bf16(x).to(tl.bfloat16), mask=mask)
@@ -290,8 +291,8 @@ def _store_chunk(p, m, v, rbase, k0, idx, mask, blk, bmask, new_scale, q_ptr, no
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
     tl.store(q_ptr + idx, x.to(tl.int8), mask=mask)
-    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_M)
-    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V)
+    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_M, BLOCK_B, QBLOCK)
+    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V, BLOCK_B, QBLOCK)
 
 
 @triton.jit
