@@ -16,13 +16,16 @@ takes the unfused path. The new state value is quantized to the nearest code (bi
 the 255 midpoints, a tie to the lower code), and the weight update uses the fp32 moments, not
 their 8-bit images. Nothing is computed outside the kernel: a step is one launch per weight.
 
-The new row scale needs the updated row's absmax before any code can be written. A row of up to
-``_MAX_BLOCK_K`` elements is held in registers (one pass); a longer row takes two passes and
-computes the update twice (pass 1: absmax only; pass 2: update and write). Pass 2 re-reads
-int8 + grad + moments (5-13 bytes per element). Keeping pass 1's result instead cannot avoid
-that: the moments must be recomputed (or stored: 8 more bytes written and read) either way, and
-storing the fp32 weight costs 4 bytes written + 4 read, more than the 1 byte of int8 it saves,
-plus an ``[N, K]`` fp32 buffer. The recomputed math is free next to the memory traffic.
+The new row scale needs the updated row's absmax before any code can be written. A row is read in
+chunks of up to ``_MAX_BLOCK_K`` elements; each chunk's new moments are written at once (they do
+not depend on the scale) and its updated weights stay in registers until the row is done: one
+read and one write of everything for rows of up to ``_MAX_CHUNKS`` chunks (8192 elements). A
+longer row takes two passes and computes the update twice (pass 1: absmax only; pass 2: update
+and write), re-reading int8 + grad + moments (5-13 bytes per element): storing the fp32 weight
+instead would cost 4 bytes written + 4 read and an ``[N, K]`` buffer.
+
+Stochastic rounding draws 16 bits per element from in-kernel Philox (:func:`_uniform`), or reads
+``noise``.
 
 ``adamw_step_reference`` equals the kernel bit for bit on the interpreter given the same noise
 (same fp32 ops in the same order, IEEE division and square root); on a GPU, FMA contraction can move
@@ -45,10 +48,12 @@ from .int8_rowwise import _round_to_bf16, quantize_rowwise_int8_reference
 __all__ = ["adamw_step", "adamw_step_multi", "adamw_step_multi_triton", "adamw_step_reference", "adamw_step_triton"]
 
 STATE_BLOCK = 256  # elements per 8-bit state block (quantframe.optim.state8bit.BLOCK_SIZE)
-# Rows up to this length are updated in one pass, longer ones in two (chunks of this length). 2048
-# at 8 warps: 8 elements per thread, 64 registers (ptxas, sm_90), 4 programs per SM; a 4096-element
-# chunk needs 16 warps at 128 registers, one program per SM, and pads a 5632-element row to 8192.
+# Elements per chunk of a row. 2048 at 8 warps: 8 elements per thread; a 4096-element chunk needs 16
+# warps at 128 registers (ptxas, sm_90), one program per SM.
 _MAX_BLOCK_K = 2048
+# Rows of up to this many chunks keep their updated weights in registers (8 more per thread and chunk)
+# until the row's new scale is known: one pass. Longer rows take two.
+_MAX_CHUNKS = 4
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -269,30 +274,50 @@ def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT:
 
 @triton.jit
 def _uniform(seed, first, N: tl.constexpr):
-    """U[0, 1) per element of a 1-D tile of N (% 4 == 0) elements with global indices ``first + i``:
-    one Philox call gives 4 draws, element ``4j + i`` takes draw ``i`` of counter ``first + 4j + 3``."""
-    ctr = first + 4 * tl.arange(0, N // 4) + 3  # a distinct counter per group of 4
+    """U(0, 1) per element of a 1-D tile of N (% 8 == 0) elements with global indices ``first + i``
+    (``first % 8 == 0``), 16 random bits each: one Philox call (4 x 32 bits) serves 8 elements,
+    element ``8j + i`` takes half ``i % 2`` of draw ``i // 2`` of counter ``first + 8j + 7``. The
+    draws are ``(k + 1/2) / 2**16`` for ``k`` uniform in ``[0, 2**16)``: stochastic rounding with them
+    rounds up with probability ``f`` rounded to a multiple of 2**-16, an unbiased error of at most
+    2**-17 of a code step. Half the Philox rounds per element of one draw per element."""
+    ctr = first + 8 * tl.arange(0, N // 8) + 7  # a distinct counter per group of 8
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    return tl.random.uint_to_uniform_float(bits)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # [N // 2]: r0 r1 r2 r3 per group
+    k = tl.interleave(bits & 0xFFFF, bits >> 16)  # [N]: low, high half of each
+    return k.to(tl.float32) * (1.0 / 65536.0) + (0.5 / 65536.0)
 
 
 @triton.jit
-def _store_chunk(p, m, v, rbase, k0, idx, mask, blk, bmask, new_scale, q_ptr, noise_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr,
-                 mmid_ptr, vmid_ptr, seed, STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,
-                 HAS_NOISE: tl.constexpr,
-                 BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
+def _store_weight(p, rbase, k0, K, new_scale, q_row, n_row, seed, HAS_NOISE: tl.constexpr, N: tl.constexpr):
+    """Re-quantize one chunk of N updated weights (fp32) of a row under its new scale with stochastic
+    rounding and store the int8 codes; ``q_row`` / ``n_row`` point at the row's first element."""
+    idx = k0 + tl.arange(0, N)
+    mask = idx < K
     x = p / new_scale
     if HAS_NOISE:
-        u = tl.load(noise_ptr + idx, mask=mask, other=0.0)
+        u = tl.load(n_row + idx, mask=mask, other=0.0)
     else:
-        u = _uniform(seed, rbase + k0, BLOCK_B * QBLOCK)  # counters: global element indices
+        u = _uniform(seed, rbase + k0, N)  # counters: global element indices
     lo = tl.floor(x)
     x = lo + tl.where(u < x - lo, 1.0, 0.0)  # stochastic rounding, exact: x - floor(x) is exact in fp32
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
-    tl.store(q_ptr + idx, x.to(tl.int8), mask=mask)
-    _store_state(m, m_ptr, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_M, BLOCK_B, QBLOCK)
-    _store_state(v, v_ptr, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V, BLOCK_B, QBLOCK)
+    tl.store(q_row + idx, x.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K, k0,
+                old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
+                STORE_STATES: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr):  # fmt: skip
+    """The updated weights (fp32) of one chunk of a row; with STORE_STATES the chunk's new moments are
+    written (they do not depend on the row's new scale; the chunk's old ones are read first)."""
+    p, m, v, idx, mask, blk, bmask = _chunk_update(
+        q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
+        decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
+    if STORE_STATES:
+        _store_state(m, m_row, ms_ptr, mmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_M, BLOCK_B, QBLOCK)
+        _store_state(v, v_row, vs_ptr, vmid_ptr, idx, mask, blk, bmask, STATE_8BIT, MAP_V, BLOCK_B, QBLOCK)
+    return p
 
 
 @triton.jit
@@ -300,37 +325,60 @@ def _adamw_row(
     row, q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, noise_ptr,
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+    HAS_NOISE: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
-    """The step of one row (int64 ``row``) of one weight; the kernels below pick the weight and row."""
+    """The step of one row (int64 ``row``) of one weight; the kernels below pick the weight and row.
+
+    CHUNKS 1-4: the row is that many chunks of ``BLOCK_B * QBLOCK`` elements, their updated weights
+    held in registers (one read of everything, one write); 0: a longer row, two passes."""
     old_scale = tl.load(s_ptr + row)
     # Row pointers, so that per-element offsets are int32 (fewer registers, more programs per SM).
     rbase = row * K
     q_row, g_row, m_row, v_row = q_ptr + rbase, g_ptr + rbase, m_ptr + rbase, v_ptr + rbase
     n_row = noise_ptr + rbase if HAS_NOISE else noise_ptr
-    if ONE_PASS:  # the whole row fits one chunk: keep the update in registers
-        p, m, v, idx, mask, blk, bmask = _chunk_update(
-            q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, 0, old_scale,
-            decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
-        absmax = tl.max(tl.abs(p), axis=0)
-        new_scale = tl.maximum(tl.math.div_rn(absmax, 127.0), 1e-12)
-        _store_chunk(p, m, v, rbase, 0, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr, vs_ptr,
-                     mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE, BLOCK_B, QBLOCK)  # fmt: skip
+    C: tl.constexpr = BLOCK_B * QBLOCK
+    if CHUNKS > 0:  # each chunk: read, update, write its moments; keep its weights until the scale is known
+        p0 = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K, 0,
+                         old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                         STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, True, BLOCK_B, QBLOCK)  # fmt: skip
+        amax = tl.abs(p0)
+        p1, p2, p3 = p0, p0, p0  # defined on every path; used only where CHUNKS says
+        if CHUNKS > 1:
+            p1 = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K,
+                             C, old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                             STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, True, BLOCK_B, QBLOCK)  # fmt: skip
+            amax = tl.maximum(amax, tl.abs(p1))
+        if CHUNKS > 2:
+            p2 = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K,
+                             2 * C, old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                             STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, True, BLOCK_B, QBLOCK)  # fmt: skip
+            amax = tl.maximum(amax, tl.abs(p2))
+        if CHUNKS > 3:
+            p3 = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K,
+                             3 * C, old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                             STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, True, BLOCK_B, QBLOCK)  # fmt: skip
+            amax = tl.maximum(amax, tl.abs(p3))
+        new_scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-12)
+        _store_weight(p0, rbase, 0, K, new_scale, q_row, n_row, seed, HAS_NOISE, C)
+        if CHUNKS > 1:
+            _store_weight(p1, rbase, C, K, new_scale, q_row, n_row, seed, HAS_NOISE, C)
+        if CHUNKS > 2:
+            _store_weight(p2, rbase, 2 * C, K, new_scale, q_row, n_row, seed, HAS_NOISE, C)
+        if CHUNKS > 3:
+            _store_weight(p3, rbase, 3 * C, K, new_scale, q_row, n_row, seed, HAS_NOISE, C)
     else:  # pass 1: absmax of the updated row; pass 2: the same update again, written
-        acc = tl.zeros((BLOCK_B * QBLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_B * QBLOCK):
-            p, m, v, idx, mask, blk, bmask = _chunk_update(
-                q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
-                decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
+        acc = tl.zeros((C,), dtype=tl.float32)
+        for k0 in range(0, K, C):
+            p = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K, k0,
+                            old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                            STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, False, BLOCK_B, QBLOCK)  # fmt: skip
             acc = tl.maximum(acc, tl.abs(p))
         new_scale = tl.maximum(tl.math.div_rn(tl.max(acc, axis=0), 127.0), 1e-12)
-        for k0 in range(0, K, BLOCK_B * QBLOCK):  # chunk k0 is read before it is overwritten
-            p, m, v, idx, mask, blk, bmask = _chunk_update(
-                q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, row, K, k0, old_scale,
-                decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAXIMIZE, BLOCK_B, QBLOCK)  # fmt: skip
-            _store_chunk(p, m, v, rbase, k0, idx, mask, blk, bmask, new_scale, q_row, n_row, m_row, v_row, ms_ptr,
-                         vs_ptr, mmid_ptr, vmid_ptr, seed, STATE_8BIT, MAP_M, MAP_V, HAS_NOISE,
-                         BLOCK_B, QBLOCK)  # fmt: skip
+        for k0 in range(0, K, C):  # chunk k0 is read before it is overwritten
+            p = _chunk_step(q_row, g_row, m_row, v_row, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, row, K, k0,
+                            old_scale, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
+                            STATE_8BIT, MAP_M, MAP_V, MAXIMIZE, True, BLOCK_B, QBLOCK)  # fmt: skip
+            _store_weight(p, rbase, k0, K, new_scale, q_row, n_row, seed, HAS_NOISE, C)
     tl.store(s_ptr + row, new_scale)
 
 
@@ -345,13 +393,13 @@ def _adamw_step_kernel(
     noise_ptr,  # [N, K] fp32 (read only if HAS_NOISE)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr,  # MAP_*: see _nearest_code
-    MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ONE_PASS: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_NOISE: tl.constexpr, CHUNKS: tl.constexpr,
     BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: row * K can pass 2**31 for large weights
     _adamw_row(row, q_ptr, s_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, noise_ptr,
                K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAP_M, MAP_V, MAXIMIZE,
-               HAS_NOISE, ONE_PASS, BLOCK_B, QBLOCK)  # fmt: skip
+               HAS_NOISE, CHUNKS, BLOCK_B, QBLOCK)  # fmt: skip
 
 
 _TABLE = 8  # int64 entries per weight in the multi-tensor table: 7 addresses + the row count
@@ -373,7 +421,7 @@ def _adamw_step_multi_kernel(
     mq_ptr, vq_ptr, mmid_ptr, vmid_ptr,  # shared code maps and their nearest-code info (8-bit only)
     K, seed, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step,
     STATE_8BIT: tl.constexpr, MAP_M: tl.constexpr, MAP_V: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ONE_PASS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
+    CHUNKS: tl.constexpr, BLOCK_B: tl.constexpr, QBLOCK: tl.constexpr,
 ):  # fmt: skip
     """Weights sharing K, dtypes and step scalars in one launch: program (row, t) updates row ``row``
     of weight ``t`` (grid: the most rows x T); weight t draws its noise from ``seed + t``."""
@@ -387,18 +435,20 @@ def _adamw_step_multi_kernel(
             _table_ptr(base, 6, vs_ptr),
             mq_ptr, vq_ptr, mmid_ptr, vmid_ptr, s_ptr,  # s_ptr: a dummy noise pointer (never read)
             K, seed + t, decay, c1, beta2, c2, eps, sqrt_bc2, neg_step, STATE_8BIT, MAP_M, MAP_V, MAXIMIZE,
-            False, ONE_PASS, BLOCK_B, QBLOCK,
+            False, CHUNKS, BLOCK_B, QBLOCK,
         )  # fmt: skip
 
 
 def _tiles(k: int, is_8bit: bool) -> dict:
-    """BLOCK_B x QBLOCK tile, passes and warps for rows of ``k`` elements."""
-    if is_8bit:  # tiles of [BLOCK_B state blocks, 256]: a state block's absmax is one row reduction
+    """Chunk (BLOCK_B x QBLOCK elements), chunks per row held in registers (0: two passes) and warps
+    for rows of ``k`` elements."""
+    if is_8bit:  # chunks of BLOCK_B state blocks of 256: a state block's absmax is one row reduction
         qblock, block_b = STATE_BLOCK, min(triton.next_power_of_2(k // STATE_BLOCK), _MAX_BLOCK_K // STATE_BLOCK)
     else:
-        qblock, block_b = min(max(4, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 4: _uniform's groups
+        qblock, block_b = min(max(8, triton.next_power_of_2(k)), _MAX_BLOCK_K), 1  # >= 8: _uniform's groups
+    chunks = triton.cdiv(k, block_b * qblock)
     # ~8 elements per thread (see _MAX_BLOCK_K)
-    return dict(ONE_PASS=k <= block_b * qblock, BLOCK_B=block_b, QBLOCK=qblock,
+    return dict(CHUNKS=chunks if chunks <= _MAX_CHUNKS else 0, BLOCK_B=block_b, QBLOCK=qblock,
                 num_warps=min(16, max(4, block_b * qblock // 256)))  # fmt: skip
 
 

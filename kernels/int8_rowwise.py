@@ -11,6 +11,8 @@ the reference bit for bit when given the same noise (fp32 math and IEEE division
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -90,20 +92,25 @@ def quantize_rowwise_int8_reference(
     return v.clamp(-_QMAX, _QMAX).to(torch.int8), scale
 
 
-# A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
-# seed == 1 and compiles new variants mid-training (measured: 0.6-1.7 s stalls on H100).
+# The interpreter's fp32 -> bf16 cast truncates; a GPU's rounds to nearest even in one instruction.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 @triton.jit
 def _round_to_bf16(x):
-    """fp32 ``x`` rounded to the nearest bf16 (ties to even), still as fp32 (finite inputs).
+    """fp32 ``x`` made ready for a cast to bf16 that rounds to nearest (ties to even), as
+    ``Tensor.to(torch.bfloat16)`` does, for finite inputs. On the GPU the cast itself rounds
+    (``cvt.rn.bf16.f32``), so ``x`` is returned as is; under the interpreter, whose cast truncates, ``x``
+    is rounded here on its bits (8 instructions per element that a GPU build must not pay)."""
+    if _INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
 
-    Done on the bits, so the cast that follows is exact: the interpreter's fp32 -> bf16 cast
-    truncates, the GPU's rounds; this way both store what ``Tensor.to(torch.bfloat16)`` gives (shared by the kernels that write bf16).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
-
+# A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and
+# seed == 1 and compiles new variants mid-training (measured: 0.6-1.7 s stalls on H100).
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_rowwise_int8_kernel(
     w_ptr,  # [N, K] float, contiguous

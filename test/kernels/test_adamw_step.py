@@ -53,18 +53,28 @@ def _run(impl, inp, **kw):
                 **{k: t for k, t in parts.items() if k.endswith("_scale")})  # fmt: skip
 
 
-# (n, k, states): K off block multiples for fp32 states; rows longer than 2048 take two passes.
+# (n, k, states): K off block multiples for fp32 states; rows of 2-4 chunks of 2048 are held in
+# registers, longer ones take two passes.
 CASES = [
     pytest.param(1, 1, "fp32", id="N1-K1-fp32"),
     pytest.param(3, 33, "fp32", id="N3-K33-fp32"),
     pytest.param(5, 127, "fp32", id="N5-K127-fp32"),
-    pytest.param(2, 4100, "fp32", id="N2-K4100-fp32-two-pass"),
+    pytest.param(2, 4100, "fp32", id="N2-K4100-fp32-3-chunks"),
+    pytest.param(2, 8200, "fp32", id="N2-K8200-fp32-two-pass"),
     pytest.param(3, 33, "bf16", id="N3-K33-bf16"),
-    pytest.param(2, 4100, "bf16", id="N2-K4100-bf16-two-pass"),
+    pytest.param(2, 5632, "bf16", id="N2-K5632-bf16-3-chunks"),
+    pytest.param(1, 8193, "bf16", id="N1-K8193-bf16-two-pass"),
     pytest.param(3, 256, "8bit", id="N3-K256-8bit"),
     pytest.param(2, 512, "8bit", id="N2-K512-8bit"),
-    pytest.param(1, 4352, "8bit", id="N1-K4352-8bit-two-pass"),
+    pytest.param(1, 4352, "8bit", id="N1-K4352-8bit-3-chunks"),
+    pytest.param(1, 8448, "8bit", id="N1-K8448-8bit-two-pass"),
 ]
+
+
+def test_row_lengths_take_the_paths_the_cases_name():
+    tiles = adamw_step_module._tiles
+    assert [tiles(k, False)["CHUNKS"] for k in (1, 2048, 2049, 5632, 8192, 8193)] == [1, 1, 2, 3, 4, 0]
+    assert [tiles(k, True)["CHUNKS"] for k in (256, 2048, 4352, 8192, 8448)] == [1, 1, 3, 4, 0]
 
 
 @pytest.mark.parametrize("n, k, states", CASES)
@@ -95,6 +105,34 @@ def test_triton_without_noise_draws_unbiased_rounding():
     assert bool(((q == floor) | (q == ceil_)).all())
     frac = (q != floor).float().mean()
     assert 0.3 < frac < 0.7  # rounding up about as often as the fractions say (~0.5 here)
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed, first, N: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, N), adamw_step_module._uniform(seed, first, N))
+
+
+def _draws(seed, first, n):
+    out = torch.empty(n)
+    _uniform_kernel[(1,)](out, seed, first, n)
+    return out
+
+
+def test_in_kernel_draws_are_16_bit_centred_uniform_and_independent_of_the_tiling():
+    u = torch.cat([_draws(seed, 0, 4096) for seed in (1, 2)])
+    k = u * 65536 - 0.5  # u = (k + 1/2) / 2**16, k integer in [0, 2**16)
+    assert torch.equal(k, k.round()) and 0 <= k.min() and k.max() < 65536
+    n = u.numel()
+    assert abs(u.mean() - 0.5) < 4 * (1 / 12 / n) ** 0.5
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum()
+    assert chi2 < 45  # 15 degrees of freedom: p ~ 1e-4
+    pairs = u.view(-1, 2)  # the two halves of one 32-bit draw
+    corr = torch.corrcoef(pairs.T)[0, 1]
+    assert abs(corr) < 4 / (n / 2) ** 0.5
+    # element i's draw depends on (seed, first + i) only: chunks of a row draw what the whole row does
+    assert torch.equal(torch.cat([_draws(7, 64, 64), _draws(7, 128, 64)]), _draws(7, 64, 128))
+    assert not torch.equal(_draws(7, 0, 64), _draws(8, 0, 64))
 
 
 def _slow_loop(inp, state_map=None):
