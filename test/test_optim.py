@@ -78,6 +78,30 @@ def test_plain_params_take_torchs_fused_kernel_in_one_call(monkeypatch):
     assert calls == [4]
 
 
+def test_mixed_precision_float_weights_take_torchs_fused_kernel_bitwise(monkeypatch):
+    # int8_mixed_precision_training's weight is its float_data computed differently: the optimizer
+    # updates float_data with torch's fused kernel (one call), bit for bit what a plain model gets.
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *a, **k: calls.append(len(params)) or fused(params, *a, **k))
+    a, b = mlp().bfloat16(), mlp().bfloat16()
+    quantize_(a, quantframe.int8_mixed_precision_training())
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, state_dtype=None)
+    opt_a, opt_b = AdamW(a.parameters(), **kw), AdamW(b.parameters(), **kw)
+    for step in range(2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            for p, q in zip(a.parameters(), b.parameters()):  # the same gradients for both
+                torch.manual_seed(step)
+                g = torch.randn(p.shape, dtype=torch.bfloat16)
+                (p if model is a else q).grad = g
+            opt.step()
+            opt.zero_grad()
+    assert calls == [4, 4, 4, 4]
+    assert type(a[0].weight).__name__ == "Int8MixedPrecisionLinearWeight"
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.float_data if hasattr(pa, "float_data") else pa, pb)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "param"])
 def test_state_dtype_of_int8_and_plain_params(state_dtype):
     m = mlp().bfloat16()

@@ -76,6 +76,18 @@ def _fused_states(exp_avg: Tensor, exp_avg_sq: Tensor, rows: int, k: int) -> tup
     return None
 
 
+def _float_weight(param: Tensor) -> Tensor:
+    """The plain tensor holding a parameter's values: the parameter itself, or the ``float_data`` of a
+    QuantTensor that is only its float weight computed differently (``int8_mixed_precision_training``
+    without INT8 weights; the contract, as ``_rowwise_int8``'s: its one inner tensor is the value).
+    Updating it in place updates the parameter."""
+    if isinstance(param, QuantTensor) and param.tensor_names == ("float_data",):
+        data = param.float_data
+        if type(data) in _PLAIN_TYPES and data.shape == param.shape:
+            return data
+    return param
+
+
 def _fusable_plain(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, group: dict) -> bool:
     """Whether torch's own fused AdamW kernel can update this plain parameter (its math is this class's)."""
     tensors = (param, grad, exp_avg, exp_avg_sq)
@@ -114,7 +126,8 @@ class AdamW(torch.optim.Optimizer):
     ``state_dtype=torch.bfloat16`` stores them in bf16 (rounded to nearest, 4 bytes of state per
     parameter instead of 8) and ``state_dtype=None`` in each parameter's dtype, as torch's AdamW
     does (bf16 for a bf16 model; an INT8 weight's dtype is its gradient's). Plain parameters whose
-    moments share their dtype take torch's fused AdamW kernel (one launch for all of them). A quantized
+    moments share their dtype take torch's fused AdamW kernel (one launch for all of them), and so
+    do the float weights of ``int8_mixed_precision_training`` (their ``float_data``). A quantized
     parameter (any :class:`~quantframe.QuantTensor` with ``requantize_``) is dequantized once,
     updated in fp32 and written back once with stochastic rounding — torch's AdamW would
     requantize after each of its in-place ops. With ``bf16_stochastic_round=True``, bf16
@@ -209,9 +222,9 @@ class AdamW(torch.optim.Optimizer):
                     state.update(self._init_state(p, group))
                 param, grad = _local(p), _local(p.grad)
                 exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                if _fusable_plain(param, grad, exp_avg, exp_avg_sq, group):
+                if _fusable_plain(weight := _float_weight(param), grad, exp_avg, exp_avg_sq, group):
                     state["step"] += 1
-                    plain.append((param, grad, exp_avg, exp_avg_sq, state["step"].item()))
+                    plain.append((weight, grad, exp_avg, exp_avg_sq, state["step"].item()))
                 elif (fused := self._fused_item(param, grad, exp_avg, exp_avg_sq, state, group)) is not None:
                     key, step, maps, weight = fused
                     int8.setdefault(key, (step, maps, []))[2].append(weight)
