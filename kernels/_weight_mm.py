@@ -26,12 +26,19 @@ GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwid
 # K=4096, against 0.63 ms for bf16 (docs/results.md), and 0.34 ms (int4) at M=16 in the GEMV;
 # one dequantizing pass writes 2 bytes a weight (~40 us there).
 DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
+# From this many rows on, ``launch`` takes the GEMM kernel (tensor cores, the skinny BLOCK_M = 16 tiles
+# below) instead of the GEMV kernel, whose elementwise [BLOCK_N, BLOCK_K, BLOCK_M] products run on
+# the CUDA cores: at 16 rows that is 16 FMAs per weight (H200: 88 us for the int8 GEMV at M = 16,
+# N = 14336, K = 4096, against 22 us at M = 1).
+MMA_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90
 # without spills in bf16 for both families (larger tiles spill); not yet timed on a GPU.
 GEMM_SHAPES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
+    # skinny tiles for a few rows (MMA_MIN_ROWS): weight-bandwidth bound, so long K steps and many programs
+    (64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (128, 16, 64, 4, 4), (64, 16, 256, 4, 3), (32, 16, 256, 4, 4),
 ]  # fmt: skip
 
 
@@ -87,8 +94,9 @@ def prune_gemm(group_key: str) -> Callable:
         if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
             fp32 = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32]
             ok = fp32 or ok
-        small = [c for c in ok if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
-        return small or ok
+        # skinny token tiles (BLOCK_M <= 32) only for a few rows, and no tile far larger than the problem
+        fit = [c for c in ok if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32) and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
+        return fit or ok
 
     return prune
 
@@ -161,8 +169,8 @@ def launch(
     **constexprs,
 ) -> Tensor:
     """``y [M, N]`` in x's dtype for 2-D ``x [M, K]``: empty / zero-K cases on the host, else the
-    GEMV kernel for ``M <= GEMV_MAX_ROWS`` (``BLOCK_M`` = next power of two >= M), the GEMM kernel
-    above (``DOT_FP32`` for fp32 x or the interpreter). ``weights[1]`` (the scale) doubles as the
+    GEMV kernel for ``M < MMA_MIN_ROWS`` (``BLOCK_M`` = next power of two >= M), the GEMM kernel
+    from there on (``DOT_FP32`` for fp32 x or the interpreter). ``weights[1]`` (the scale) doubles as the
     bias pointer when there is no bias."""
     m, k = x.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -176,7 +184,7 @@ def launch(
         x.stride(0), x.stride(1), *weight_strides, y.stride(0), y.stride(1),
     )  # fmt: skip
     constexprs["HAS_BIAS"] = bias is not None
-    if m <= GEMV_MAX_ROWS:
+    if m < MMA_MIN_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
         # Groups of 16 leave only 16-wide K tiles, which miscompute at 16 rows (prune_gemv): 8 rows a launch.
         step = 8 if m > 8 and 16 in (constexprs.get("GROUP_SIZE"), constexprs.get("BLOCK_SIZE")) else m

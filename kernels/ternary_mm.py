@@ -30,7 +30,8 @@ from torch.library import triton_op, wrap_triton
 from quantframe import primitives as P
 
 from . import use_triton
-from ._weight_mm import DENSE_MIN_ROWS, GEMV_MAX_ROWS, rows  # the dispatch by rows of the weight families
+from . import _weight_mm as wmm
+from ._weight_mm import DENSE_MIN_ROWS, rows  # the dispatch by rows of the weight families
 
 __all__ = ["ternary_mm", "ternary_mm_dense", "ternary_mm_reference", "ternary_mm_triton", "ternary_unpack_triton"]
 
@@ -171,6 +172,9 @@ def _gemm_configs() -> list[triton.Config]:
         (64, 64, 32, 4, 4),
         (128, 64, 64, 8, 3),
         (64, 128, 64, 8, 3),
+        (64, 16, 128, 4, 4),  # skinny tiles for a few rows (_weight_mm.MMA_MIN_ROWS)
+        (128, 16, 128, 4, 3),
+        (64, 16, 256, 4, 3),
     ]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -180,7 +184,9 @@ def _gemm_configs() -> list[triton.Config]:
 
 def _prune_gemm(configs, named_args, **kwargs):
     """Skip token tiles far larger than the problem."""
-    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["M"]))]
+    m = named_args["M"]
+    small = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32)
+             and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))]  # fmt: skip
     return small or configs
 
 
@@ -347,7 +353,7 @@ def _ternary_mm_op(
         return y
     args = (x_codes, sx, packed, scale, bias if bias is not None else sx, y,  # sx: dummy pointer without bias
             m, n, k, packed.shape[1], x_codes.stride(0), packed.stride(0), y.stride(0), y.stride(1))  # fmt: skip
-    if m <= GEMV_MAX_ROWS:
+    if m < wmm.MMA_MIN_ROWS:  # as the other weight families (_weight_mm.launch)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
         wrap_triton(_ternary_gemv_kernel)[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
     else:
@@ -372,7 +378,7 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
 
 def ternary_mm(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """``xq [..., K] @ Wq.T (+ bias)``: on CUDA (fp32/fp16/bf16 x) the GEMV kernel up to
-    ``GEMV_MAX_ROWS`` rows, :func:`ternary_mm_dense` from ``DENSE_MIN_ROWS`` on where
+    ``MMA_MIN_ROWS`` rows, :func:`ternary_mm_dense` from ``DENSE_MIN_ROWS`` on where
     ``torch._int_mm`` takes the shape, else the GEMM kernel (:func:`ternary_mm_triton`); elsewhere
     :func:`ternary_mm_reference` (same arguments and result up to summation order). Forward only.
 
