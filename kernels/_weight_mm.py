@@ -1,8 +1,8 @@
 """What the quantized-weight matmul families (``affine_mm``, ``nf4_mm``) share.
 
-Both compute ``y [M, N] = x [M, K] @ W.T (+ bias)`` with a GEMV kernel for ``M <= GEMV_MAX_ROWS``
-(grid over ``BLOCK_N``) and a GEMM kernel above (grid over ``BLOCK_N`` x ``BLOCK_M``), a
-``[BLOCK_N, BLOCK_M]`` fp32 accumulator and the same kernel argument layout:
+Both compute ``y [M, N] = x [M, K] @ W.T (+ bias)`` with a GEMV kernel for one row
+(``M < MMA_MIN_ROWS``; grid over ``BLOCK_N``) and a GEMM kernel from two rows on (tensor cores; grid over
+``BLOCK_N`` x ``BLOCK_M``), a ``[BLOCK_N, BLOCK_M]`` fp32 accumulator and the same kernel argument layout:
 ``x, <three weight tensors>, bias, y, M, N, K, stride_xm, stride_xk, <weight strides>, stride_ym,
 stride_yn``. Only the weight decoding differs; it stays in each family's module.
 """
@@ -19,18 +19,18 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GEMV_MAX_ROWS = 16  # up to this many rows of x, the GEMV kernel (weight-bandwidth bound)
+FUSED_MAX_ROWS = 16  # up to this many rows of x, the fused kernels read the packed weight (bandwidth bound)
 # From this many rows on, the dispatchers (affine_mm, nf4_mm) dequantize W once and call the dense
 # matmul, and ternary_mm unpacks W to int8 once for torch._int_mm: on an H100 the fused GEMM
 # kernels took 6.3 ms (int4 g128), 11.1 ms (NF4) and 3.4-3.7 ms (ternary) at M=4096, N=14336,
-# K=4096, against 0.63 ms for bf16 (docs/results.md), and 0.34 ms (int4) at M=16 in the GEMV;
-# one dequantizing pass writes 2 bytes a weight (~40 us there).
-DENSE_MIN_ROWS = GEMV_MAX_ROWS + 1
+# K=4096, against 0.63 ms for bf16 (docs/results.md); one dequantizing pass writes 2 bytes a weight.
+DENSE_MIN_ROWS = FUSED_MAX_ROWS + 1
 # From this many rows on, ``launch`` takes the GEMM kernel (tensor cores, the skinny BLOCK_M = 16 tiles
-# below) instead of the GEMV kernel, whose elementwise [BLOCK_N, BLOCK_K, BLOCK_M] products run on
-# the CUDA cores: at 16 rows that is 16 FMAs per weight (H200: 88 us for the int8 GEMV at M = 16,
-# N = 14336, K = 4096, against 22 us at M = 1).
-MMA_MIN_ROWS = GEMV_MAX_ROWS + 1
+# below) instead of the GEMV kernel, whose elementwise [BLOCK_N, BLOCK_K, BLOCK_M] products run on the
+# CUDA cores. Measured on H200 (x [M, 4096] @ W [14336, 4096].T, CUDA graphs, L2 flushed), GEMV vs
+# GEMM in us: int8 M=1 21.8 (GEMM at 2 rows: 32.2), M=16 88 vs 32.9; int4 g128 M=16 172 vs 31.5;
+# NF4 M=16 288 vs 169; ternary M=4 130 vs 32.3, M=16 613 vs 31.9.
+MMA_MIN_ROWS = 2
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90
 # without spills in bf16 for both families (larger tiles spill); not yet timed on a GPU.
@@ -186,7 +186,8 @@ def launch(
     constexprs["HAS_BIAS"] = bias is not None
     if m < MMA_MIN_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        # Groups of 16 leave only 16-wide K tiles, which miscompute at 16 rows (prune_gemv): 8 rows a launch.
+        # Groups of 16 leave only 16-wide K tiles, which miscompute at 16 rows (prune_gemv): 8 rows a
+        # launch (only if MMA_MIN_ROWS is raised past 9).
         step = 8 if m > 8 and 16 in (constexprs.get("GROUP_SIZE"), constexprs.get("BLOCK_SIZE")) else m
         for i in range(0, m, step):
             rows = min(step, m - i)

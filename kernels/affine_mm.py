@@ -37,7 +37,7 @@ __all__ = [
     "affine_mm_triton",
 ]
 
-GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
+FUSED_MAX_ROWS = wmm.FUSED_MAX_ROWS  # up to this many rows of x, the fused kernels (see _weight_mm.launch)
 
 _KERNEL_BITS = (8, 4, 3, 2)
 _CODES_PER_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # K must be a multiple of this (3-bit: 8 codes in 3 bytes)
@@ -376,8 +376,8 @@ def affine_mm_triton(
     bias: Tensor | None = None,
 ) -> Tensor:
     """Triton version of :func:`affine_mm_reference` for bits 8 and 4, x in fp32/fp16/bf16 and
-    group_size None or a power of two >= 16 (else ValueError / TypeError); GEMV for up to
-    ``GEMV_MAX_ROWS`` rows of x, GEMM above."""
+    group_size None or a power of two >= 16 (else ValueError / TypeError); the GEMV kernel for one
+    row of x, the GEMM kernel from ``_weight_mm.MMA_MIN_ROWS`` rows on."""
     _check_args(x, qdata, scale, zero_point, bits, group_size, bias)
     problem = _kernel_problem(x, bits, group_size)
     if problem is not None:
@@ -472,7 +472,7 @@ def affine_mm(
     bias: Tensor | None = None,
 ) -> Tensor:
     """``x [..., K] @ dequant(W).T (+ bias [N])``: on CUDA, where the kernels apply, the GEMV kernel
-    (:func:`affine_mm_triton`) up to ``GEMV_MAX_ROWS`` rows of x and :func:`affine_mm_dense` from
+    (:func:`affine_mm_triton`) up to ``FUSED_MAX_ROWS`` rows of x and :func:`affine_mm_dense` from
     ``DENSE_MIN_ROWS`` on; else :func:`affine_mm_reference` (same arguments, result and errors).
 
     Example::

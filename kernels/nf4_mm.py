@@ -43,7 +43,7 @@ __all__ = [
     "nf4_mm_triton",
 ]
 
-GEMV_MAX_ROWS = wmm.GEMV_MAX_ROWS  # up to this many rows of x, the GEMV kernel (see _weight_mm.launch)
+FUSED_MAX_ROWS = wmm.FUSED_MAX_ROWS  # up to this many rows of x, the fused kernels (see _weight_mm.launch)
 
 
 def _check_weight(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, k: int, who: str) -> None:
@@ -317,8 +317,8 @@ def nf4_mm_triton(
     x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
 ) -> Tensor:
     """Triton version of :func:`nf4_mm_reference` for x in fp32/fp16/bf16 and block_size a power of
-    two >= 16 dividing K (else TypeError / ValueError); GEMV for up to ``GEMV_MAX_ROWS`` rows of x,
-    GEMM above. Differentiable with respect to x and bias."""
+    two >= 16 dividing K (else TypeError / ValueError); the GEMV kernel for one row of x, the GEMM
+    kernel from ``_weight_mm.MMA_MIN_ROWS`` rows on. Differentiable with respect to x and bias."""
     _check_args(x, codes, scale, levels, block_size, bias, "nf4_mm_triton")
     problem = _kernel_problem(x, block_size)
     if problem is not None:
@@ -390,7 +390,7 @@ def nf4_mm(
     x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None = None
 ) -> Tensor:
     """``x [..., K] @ dequant(W).T (+ bias [N])``: on CUDA, where the kernels apply, the GEMV kernel
-    (:func:`nf4_mm_triton`) up to ``GEMV_MAX_ROWS`` rows of x and :func:`nf4_mm_dense` from
+    (:func:`nf4_mm_triton`) up to ``FUSED_MAX_ROWS`` rows of x and :func:`nf4_mm_dense` from
     ``DENSE_MIN_ROWS`` on; else :func:`nf4_mm_reference` (same arguments, result and errors).
 
     Example::

@@ -178,7 +178,7 @@ def test_dense_compiles_fullgraph_as_one_opaque_op():
 
 @pytest.mark.parametrize("m, path", [(1, "triton"), (16, "triton"), (17, "dense"), (4096, "dense")])
 def test_dispatch_on_cuda_takes_the_gemv_then_the_dense_path(monkeypatch, m, path):
-    """Where Triton runs (CUDA), M <= GEMV_MAX_ROWS goes to the GEMV kernel, M >= DENSE_MIN_ROWS to
+    """Where Triton runs (CUDA), M <= FUSED_MAX_ROWS goes to the fused kernels, M >= DENSE_MIN_ROWS to
     dequantize + dense matmul (the fused GEMM is 10x slower there on an H100: docs/results.md)."""
     taken = []
     monkeypatch.setattr(affine_mm_module, "use_triton", lambda t: True)
@@ -314,6 +314,7 @@ def test_groups_of_16_take_8_rows_a_gemv_launch(m, monkeypatch):
             return run
 
     monkeypatch.setattr(wmm, "wrap_triton", Recording)
+    monkeypatch.setattr(wmm, "MMA_MIN_ROWS", 17)  # the GEMV up to 16 rows, as it was (default: one row)
     qdata, scale, zero_point = _weight(48, 64, 4, 16, False)
     x = torch.randn(m, 64)
     y = affine_mm_triton(x, qdata, scale, zero_point, 4, 16)
