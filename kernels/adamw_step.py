@@ -603,7 +603,7 @@ def _multi_args(weights: list[dict], kwargs: dict) -> tuple[bool, int]:
     return first["exp_avg"].dtype == torch.uint8, first["int_data"].shape[1]
 
 
-def adamw_step_multi(weights: list[dict], *, seed: int | None = None, **kwargs) -> None:
+def adamw_step_multi(weights: list[dict], *, seed: int | None = None, check: bool = True, **kwargs) -> None:
     """:func:`adamw_step` of several weights at once; on CUDA one launch for all of them.
 
     Each entry of ``weights`` holds that weight's tensors under the names :func:`adamw_step` takes
@@ -614,12 +614,17 @@ def adamw_step_multi(weights: list[dict], *, seed: int | None = None, **kwargs) 
     instead of one per weight: an optimizer step pays the Python and launch cost (~100 us per launch
     on the GPU host) once per group, not once per parameter. Weight ``t`` draws its rounding noise
     from ``seed + t``, so the result equals ``adamw_step`` of each weight with that seed.
+    ``check=False`` skips the argument checks, for a caller that has passed the same layout through
+    them before (the optimizer, once per weight; ~10 µs of Python a weight).
 
     Raises:
         TypeError / ValueError: as :func:`adamw_step` for each weight, an unknown key, or weights that
             cannot share a launch.
     """
-    is_8bit, k = _multi_args(weights, kwargs)
+    if check:
+        is_8bit, k = _multi_args(weights, kwargs)
+    else:
+        is_8bit, k = weights[0]["exp_avg"].dtype == torch.uint8, weights[0]["int_data"].shape[1]
     int_data = weights[0]["int_data"]
     if not use_triton(int_data):
         for w in weights:

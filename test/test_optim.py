@@ -160,6 +160,68 @@ def test_weights_of_one_row_length_share_one_fused_launch(monkeypatch):
     assert losses[-1] < losses[0]
 
 
+def test_step_plans_are_reused_and_the_kernel_checks_run_once_per_layout(monkeypatch):
+    # The per-parameter decisions are cached while the tensors they read stay the same objects; the
+    # fused kernel's argument checks run on a layout's first launch only, and again after anything
+    # the plan read changes (new state tensors).
+    from quantframe.kernels import adamw_step as fused
+
+    checks = []
+    real = fused._multi_args
+    monkeypatch.setattr(fused, "_multi_args", lambda ws, kw: checks.append(len(ws)) or real(ws, kw))
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())  # two INT8 weights, rows of 32 and 64
+    opt = AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, steps=3)
+    assert checks == [1, 1]  # step 1 only: one launch per row length
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors: planned and checked again
+    train(m, opt, steps=2)
+    assert checks == [1, 1, 1, 1]
+    w = m[0].weight
+    opt.state[w]["exp_avg"] = opt.state[w]["exp_avg"].clone()  # one moment replaced: that weight re-planned
+    train(m, opt, steps=1)
+    assert checks == [1, 1, 1, 1, 1]
+
+
+def test_a_plan_follows_a_replaced_inner_tensor():
+    # A plan holds the tensor it updates (here a mixed-precision weight's float_data); replacing
+    # that tensor makes the next step plan again and update the new one.
+    m = mlp().bfloat16()
+    quantize_(m, quantframe.int8_mixed_precision_training())
+    opt = AdamW(m.parameters(), lr=1e-2, state_dtype=None)
+    w = m[0].weight
+    for _ in range(2):
+        w.grad = torch.ones(w.shape, dtype=torch.bfloat16)
+        opt.step()
+        w.float_data = w.float_data.clone()
+        before = w.float_data.clone()
+    w.grad = torch.ones(w.shape, dtype=torch.bfloat16)
+    opt.step()
+    assert not torch.equal(w.float_data, before)
+
+
+def test_a_launch_that_failed_its_checks_is_checked_again(monkeypatch):
+    from quantframe.kernels import adamw_step as fused
+
+    real, calls = fused._multi_args, []
+
+    def failing_once(ws, kw):
+        calls.append(len(ws))
+        if len(calls) == 1:
+            raise ValueError("bad arguments")
+        return real(ws, kw)
+
+    monkeypatch.setattr(fused, "_multi_args", failing_once)
+    m = mlp()
+    quantize_(m, int8_weight_only_quantized_training())
+    opt = AdamW(m.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="bad arguments"):
+        train(m, opt, steps=1)
+    opt.zero_grad()
+    train(m, opt, steps=1)
+    assert len(calls) == 3  # the failed launch's weight is checked again; the other was never launched
+
+
 def test_int8_training_follows_the_float_run():
     ref = mlp()
     q = copy.deepcopy(ref)
