@@ -111,7 +111,11 @@ def _scenario_train(rank: int, out: str) -> dict:
         w = module.weight
         seen.add((type(w).__name__, tuple(w.shape), w.dtype, getattr(w, "int_data", w).dtype))
 
+    import quantframe.optim.adamw as adamw_module
+
+    plans, fusable_plain = [], adamw_module._fusable_plain  # called when AdamW plans a parameter's step
     Int8QTLinearWeight.fsdp_pre_all_gather = recording_pre_all_gather
+    adamw_module._fusable_plain = lambda *args: plans.append(1) or fusable_plain(*args)
     try:
         model = _quantized_mlp(shard=True)
         for i in LINEARS:  # registered after fully_shard's hooks: sees the all-gathered weight
@@ -119,6 +123,7 @@ def _scenario_train(rank: int, out: str) -> dict:
         losses, first_grads = _train(model, _optimizer("quantframe", model), STEPS)
     finally:
         Int8QTLinearWeight.fsdp_pre_all_gather = pre_all_gather
+        adamw_module._fusable_plain = fusable_plain
 
     shards, full = [], []
     for i in LINEARS:
@@ -132,7 +137,7 @@ def _scenario_train(rank: int, out: str) -> dict:
     torch_model = _quantized_mlp(shard=True)
     torch_losses, _ = _train(torch_model, _optimizer("torch", torch_model), STEPS)
     return dict(losses=losses, first_grads=first_grads, gathered=gathered, seen=seen, shards=shards, full=full,
-                torch_losses=torch_losses)  # fmt: skip
+                torch_losses=torch_losses, plans=len(plans), params=len(list(model.parameters())))  # fmt: skip
 
 
 def _scenario_bf16(rank: int, out: str) -> dict:
@@ -270,6 +275,13 @@ def test_sharded_training_matches_single_process(fsdp_runs):
     off_losses = torch.tensor(_single_process("quantframe", lr=1.2 * LR)[0])
     assert not torch.allclose(off_losses, ref_losses, rtol=1e-2, atol=0)
     assert all(a > b for a, b in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_adamw_plans_each_sharded_parameter_once(fsdp_runs):
+    # Parameter(DTensor).to_local() returns a new wrapper each call; the optimizer's step plans key
+    # on the DTensor's own local tensor, so they are made once, not every step.
+    for run in fsdp_runs["train"]:
+        assert run["plans"] == run["params"], (run["plans"], run["params"], STEPS)
 
 
 def test_torch_adamw_trains_sharded_quantized_model(fsdp_runs):

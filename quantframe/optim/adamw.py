@@ -26,7 +26,12 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not a QuantTensor, DTensor 
 
 
 def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2 parameter or state), or the tensor itself."""
+    """The local shard of a DTensor (FSDP2 parameter or state), or the tensor itself. The DTensor's
+    own local tensor: ``to_local()`` of a Parameter(DTensor) returns a new Parameter wrapper each
+    call, which would make every step's plans (``AdamW._plan``) look stale."""
+    local = getattr(t, "_local_tensor", None)
+    if local is not None:
+        return local
     return t.to_local() if hasattr(t, "to_local") else t
 
 
