@@ -297,7 +297,8 @@ def run_row(name: str, row: Row, w: Tensor, xs: dict[int, Tensor], refs: dict[in
     return results
 
 
-def run_shape(n: int, k: int, ms: list[int], rows: dict[str, Row], device: str, timer) -> list[dict]:
+def run_shape(n: int, k: int, ms: list[int], rows: dict[str, Row], device: str, timer, on_row=None) -> list[dict]:
+    """Every row at W [n, k]; ``on_row(results so far)`` after each row (--json writes as it goes)."""
     gen = torch.Generator(device).manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device=device) * k**-0.5).bfloat16()  # outputs ~ N(0, 1)
     xs = {m: torch.randn(m, k, generator=gen, device=device).bfloat16() for m in ms}
@@ -305,6 +306,8 @@ def run_shape(n: int, k: int, ms: list[int], rows: dict[str, Row], device: str, 
     results = []
     for name, row in rows.items():
         results += run_row(name, row, w, xs, refs, timer)
+        if on_row is not None:
+            on_row(results)
         gc.collect()  # the row's quantized weight and compiled graphs go before the next row
         torch._dynamo.reset()
         if device == "cuda":
@@ -440,20 +443,26 @@ def main(argv=None):
     timer = Timer(args.warm_l2, args.graph_max_m)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s | graph timings: L2 {'warm' if args.warm_l2 else 'flushed'} | "
           f"inductor: {'torchao-tuned' if args.tuned_inductor else 'defaults'}")  # fmt: skip
+    out = Path(args.out) / f"linear_latency_{gpu.replace(' ', '_')}.json"
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "quantframe": __import__("quantframe").__version__, **versions,
+            "date": str(datetime.date.today()), "python": platform.python_version(),
+            "copy_gbps": bandwidth / 1e9, "l2_flush": not args.warm_l2, "tuned_inductor": args.tuned_inductor,
+            "formats": {f: {"bits": b, "bound": t} for f, (b, t) in FORMATS.items()}}  # fmt: skip
+
+    def write(rows_so_far: list[dict], complete: bool) -> None:
+        """The JSON after every row, so that a run cut short (a time limit) keeps what it measured."""
+        if args.json:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": {**meta, "complete": complete}, "rows": rows_so_far}, indent=1))
+
     all_rows = []
     for n, k in _shapes(args.shapes):
-        results = run_shape(n, k, _ints(args.m), rows, "cuda", timer)
+        results = run_shape(n, k, _ints(args.m), rows, "cuda", timer, on_row=lambda r: write(all_rows + r, False))
         print_table(n, k, results, bandwidth)
         all_rows += results
+    write(all_rows, True)
     if args.json:
-        out = Path(args.out) / f"linear_latency_{gpu.replace(' ', '_')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-                "quantframe": __import__("quantframe").__version__, **versions,
-                "date": str(datetime.date.today()), "python": platform.python_version(),
-                "copy_gbps": bandwidth / 1e9, "l2_flush": not args.warm_l2, "tuned_inductor": args.tuned_inductor,
-                "formats": {f: {"bits": b, "bound": t} for f, (b, t) in FORMATS.items()}}  # fmt: skip
-        out.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1))
         print(f"wrote {out}")
 
 

@@ -95,7 +95,8 @@ def prune_gemm(group_key: str) -> Callable:
             fp32 = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32]
             ok = fp32 or ok
         # skinny token tiles (BLOCK_M <= 32) only for a few rows, and no tile far larger than the problem
-        fit = [c for c in ok if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32) and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))]
+        cap = max(32, triton.next_power_of_2(m))
+        fit = [c for c in ok if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32) and c.kwargs["BLOCK_M"] <= cap]
         return fit or ok
 
     return prune

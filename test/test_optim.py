@@ -83,7 +83,11 @@ def test_mixed_precision_float_weights_take_torchs_fused_kernel_bitwise(monkeypa
     # updates float_data with torch's fused kernel (one call), bit for bit what a plain model gets.
     calls = []
     fused = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *a, **k: calls.append(len(params)) or fused(params, *a, **k))
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return fused(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting)
     a, b = mlp().bfloat16(), mlp().bfloat16()
     quantize_(a, quantframe.int8_mixed_precision_training())
     kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, state_dtype=None)

@@ -30,7 +30,8 @@ def _recording(monkeypatch, module):
 
 def _affine(m):
     torch.manual_seed(0)
-    q, s, z = torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40, 1) * 0.02, torch.zeros(40, 1, dtype=torch.int32)
+    q, s = torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40, 1) * 0.02
+    z = torch.zeros(40, 1, dtype=torch.int32)
     x = torch.randn(m, 64)
     return affine_mm_triton(x, q, s, z, 8, None), affine_mm_reference(x, q, s, z, 8, None)
 
