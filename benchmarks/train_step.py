@@ -324,11 +324,22 @@ def main(argv=None):
         except ImportError:
             print(f"{peer}: not importable (its rows say so)")
     wanted = [w for w in args.only.split("|") if w]
-    rows = [
-        run_row(name, setup, args.warmup, args.steps, args.profile)
-        for name, setup in ROWS.items()
-        if not wanted or any(w in name for w in wanted)
-    ]
+    out = Path(args.out) / f"train_step_{gpu.replace(' ', '_')}.json"
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": str(datetime.date.today()),
+            "python": platform.python_version()}  # fmt: skip
+
+    def write(rows: list[dict], mm: list, opt: list, complete: bool) -> None:
+        """The JSON after every row, so that a run cut short (a time limit) keeps what it measured."""
+        if args.json:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"meta": {**meta, "complete": complete}, "train_step": rows, "matmul": mm, "optimizer": opt}
+            out.write_text(json.dumps(doc, indent=1))
+
+    rows = []
+    for name, setup in ROWS.items():
+        if not wanted or any(w in name for w in wanted):
+            rows.append(run_row(name, setup, args.warmup, args.steps, args.profile))
+            write(rows, [], [], False)
     bf16c = "bf16, torch AdamW fused, compiled"
     ref = next((r["ms_per_step"] for r in rows if r["run"].startswith(bf16c) and "ms_per_step" in r), None)
     head = f"{'ms/step':>8s} {'x bf16c':>8s} {'peak GiB':>8s} {'qf kern':>9s} {'host ms fwd/bwd/opt':>20s}"
@@ -358,12 +369,8 @@ def main(argv=None):
         for r in opt:
             print(f"{r['shape']:12s} {r['op']:44s} {r['ms']:8.3f} {r['ms_eager']:8.3f} {r['gbps']:7.0f} "
                   f"{r['floor_ms']:8.3f}")  # fmt: skip
+    write(rows, mm, opt, True)
     if args.json:
-        out = Path(args.out) / f"train_step_{gpu.replace(' ', '_')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": str(datetime.date.today()),
-                "python": platform.python_version()}  # fmt: skip
-        out.write_text(json.dumps({"meta": meta, "train_step": rows, "matmul": mm, "optimizer": opt}, indent=1))
         print(f"wrote {out}")
 
 
