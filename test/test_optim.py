@@ -56,14 +56,21 @@ def test_bf16_params_with_their_dtype_states_match_torch_adamw_bitwise():
     assert {s["exp_avg"].dtype for s in AdamW(a.parameters(), state_dtype=None).state.values()} <= {torch.bfloat16}
 
 
-def test_plain_params_take_torchs_fused_kernel_in_one_call(monkeypatch):
-    calls = []
-    fused = torch._fused_adamw_
+@pytest.fixture
+def fused_adamw_calls(monkeypatch) -> list[int]:
+    """The number of parameters of each call of torch's fused AdamW kernel."""
+    calls, fused = [], torch._fused_adamw_
+
     def counting(params, *args, **kwargs):
         calls.append(len(params))
         return fused(params, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_fused_adamw_", counting)
+    return calls
+
+
+def test_plain_params_take_torchs_fused_kernel_in_one_call(fused_adamw_calls):
+    calls = fused_adamw_calls
     m = mlp()
     quantize_(m, int8_weight_only_quantized_training())  # 2 INT8 weights (own kernel) + 2 plain biases
     train(m, AdamW(m.parameters(), lr=1e-2), steps=2)
@@ -78,29 +85,21 @@ def test_plain_params_take_torchs_fused_kernel_in_one_call(monkeypatch):
     assert calls == [4]
 
 
-def test_mixed_precision_float_weights_take_torchs_fused_kernel_bitwise(monkeypatch):
+def test_mixed_precision_float_weights_take_torchs_fused_kernel_bitwise(fused_adamw_calls):
     # int8_mixed_precision_training's weight is its float_data computed differently: the optimizer
     # updates float_data with torch's fused kernel (one call), bit for bit what a plain model gets.
-    calls = []
-    fused = torch._fused_adamw_
-    def counting(params, *args, **kwargs):
-        calls.append(len(params))
-        return fused(params, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "_fused_adamw_", counting)
     a, b = mlp().bfloat16(), mlp().bfloat16()
     quantize_(a, quantframe.int8_mixed_precision_training())
     kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, state_dtype=None)
     opt_a, opt_b = AdamW(a.parameters(), **kw), AdamW(b.parameters(), **kw)
-    for step in range(2):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            for p, q in zip(a.parameters(), b.parameters()):  # the same gradients for both
-                torch.manual_seed(step)
-                g = torch.randn(p.shape, dtype=torch.bfloat16)
-                (p if model is a else q).grad = g
+    for _ in range(2):
+        for p, q in zip(a.parameters(), b.parameters()):  # the same gradients for both models
+            p.grad = torch.randn(p.shape, dtype=torch.bfloat16)
+            q.grad = p.grad.clone()
+        for opt in (opt_a, opt_b):
             opt.step()
             opt.zero_grad()
-    assert calls == [4, 4, 4, 4]
+    assert fused_adamw_calls == [4, 4, 4, 4]
     assert type(a[0].weight).__name__ == "Int8MixedPrecisionLinearWeight"
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa.float_data if hasattr(pa, "float_data") else pa, pb)
