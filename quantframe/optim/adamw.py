@@ -81,6 +81,11 @@ def _fused_states(exp_avg: Tensor, exp_avg_sq: Tensor, rows: int, k: int) -> tup
     return None
 
 
+def _inner(t: Tensor) -> tuple[Tensor, ...]:
+    """A QuantTensor's inner tensors (``tensor_names``), else none."""
+    return tuple(getattr(t, n) for n in t.tensor_names) if isinstance(t, QuantTensor) else ()
+
+
 def _float_weight(param: Tensor) -> Tensor:
     """The plain tensor holding a parameter's values: the parameter itself, or the ``float_data`` of a
     QuantTensor that is only its float weight computed differently (``int8_mixed_precision_training``
@@ -216,7 +221,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             plain = []  # parameters for torch's fused kernel, updated together after the loop
-            int8: dict[tuple, tuple] = {}  # key -> (step, code maps, INT8 weights, all checked): one launch per key
+            int8: dict[tuple, tuple] = {}  # key -> (step, code maps, INT8 weights, their plans not yet checked)
             with torch._C.DisableTorchFunctionSubclass():  # p.grad and hash(p) without a subclass's __torch_function__
                 items = [(p, g, self.state[p]) for p in group["params"] if (g := p.grad) is not None]
             for p, grad, state in items:
@@ -227,8 +232,9 @@ class AdamW(torch.optim.Optimizer):
                 grad = _local(grad)
                 kind, data, cached = self._plan(p, grad, state, group)
                 if kind == "plain":
+                    weight, exp_avg, exp_avg_sq = data
                     state["step"] += 1
-                    plain.append((*data[:1], grad, *data[1:], state["step"].item()))
+                    plain.append((weight, grad, exp_avg, exp_avg_sq, state["step"].item()))
                 elif kind == "int8":
                     key, maps, weight, checked = data
                     state["step"] += 1
@@ -255,17 +261,16 @@ class AdamW(torch.optim.Optimizer):
         that a step costs a few µs of Python per parameter (the anchor model's 24 INT8 weights, CPU,
         kernel stubbed: 1.0 ms a step without the cache). ``checked``: a launch with the kernel's
         argument checks has taken the weight."""
-        param, exp_avg, exp_avg_sq = _local(p), state["exp_avg"], state["exp_avg_sq"]
-        inner = tuple(getattr(param, n) for n in param.tensor_names) if isinstance(param, QuantTensor) else ()
-        objects = (param, exp_avg, exp_avg_sq, *inner)
-        values = (grad.dtype, grad.shape, group["amsgrad"], grad.device)
+        param, m, v = _local(p), _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        # the tensors read below, inner tensors of quantized weights and 8-bit states included
+        objects = tuple(x for t in (param, m, v) for x in (t, *_inner(t)))
+        values = (grad.dtype, grad.shape, grad.device, group["amsgrad"], group["bf16_stochastic_round"])
         plans = self.__dict__.setdefault("_plans", {})  # id(p) -> [objects, values, kind, data]
         cached = plans.get(id(p))
         if cached is not None and cached[1] == values and len(cached[0]) == len(objects) and all(
             a is b for a, b in zip(cached[0], objects)
         ):
             return cached[2], cached[3], cached
-        m, v = _local(exp_avg), _local(exp_avg_sq)
         if _fusable_plain(weight := _float_weight(param), grad, m, v, group):
             kind, data = "plain", (weight, m, v)
         elif (fused := self._fused_item(param, grad, m, v, group)) is not None:
