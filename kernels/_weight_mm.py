@@ -33,12 +33,14 @@ DENSE_MIN_ROWS = FUSED_MAX_ROWS + 1
 MMA_MIN_ROWS = 2
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages) GEMM tiles that ptxas compiles for sm_90
-# without spills in bf16 for both families (larger tiles spill); not yet timed on a GPU.
+# without spills in bf16 for both families (larger tiles spill; the skinny ones: 64-250 registers).
+# The autotuner picks among them per shape; the first five skinny tiles were timed on H200 (stop 13).
 GEMM_SHAPES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
     # skinny tiles for a few rows (MMA_MIN_ROWS): weight-bandwidth bound, so long K steps and many programs
     (64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (128, 16, 64, 4, 4), (64, 16, 256, 4, 3), (32, 16, 256, 4, 4),
+    (64, 16, 64, 4, 4), (64, 16, 32, 4, 4),  # groups of 64 (NF4's blocks) and 32: BLOCK_K must divide them
 ]  # fmt: skip
 
 
