@@ -274,12 +274,13 @@ def _store_state(x, ptr, absmax_ptr, mid_ptr, idx, mask, blk, bmask, STATE_8BIT:
 
 @triton.jit
 def _uniform(seed, first, N: tl.constexpr):
-    """U(0, 1) per element of a 1-D tile of N (% 8 == 0) elements with global indices ``first + i``
-    (``first % 8 == 0``), 16 random bits each: one Philox call (4 x 32 bits) serves 8 elements,
-    element ``8j + i`` takes half ``i % 2`` of draw ``i // 2`` of counter ``first + 8j + 7``. The
-    draws are ``(k + 1/2) / 2**16`` for ``k`` uniform in ``[0, 2**16)``: stochastic rounding with them
-    rounds up with probability ``f`` rounded to a multiple of 2**-16, an unbiased error of at most
-    2**-17 of a code step. Half the Philox rounds per element of one draw per element."""
+    """U(0, 1) per element of a 1-D tile of N (% 8 == 0) elements with global indices ``first + i``,
+    16 random bits each: one Philox call (4 x 32 bits) serves 8 elements, element ``8j + i`` takes
+    half ``i % 2`` of draw ``i // 2`` of counter ``first + 8j + 7`` (a row's groups start at its first
+    element, so two rows share a counter only in groups past the end of one of them, whose draws are
+    unused). The draws are ``(k + 1/2) / 2**16`` for ``k`` uniform in ``[0, 2**16)``: stochastic
+    rounding with them rounds up with probability ``f`` rounded to a multiple of 2**-16, an unbiased
+    error of at most 2**-17 of a code step, for half the Philox work of a 32-bit draw per element."""
     ctr = first + 8 * tl.arange(0, N // 8) + 7  # a distinct counter per group of 8
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # [N // 2]: r0 r1 r2 r3 per group
