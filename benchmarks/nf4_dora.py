@@ -395,26 +395,34 @@ def main(argv=None):
     timer = Timer(warm_l2=False, graph_max_m=16)
     n, k = LINEAR_SHAPE
     linear, dora = [], []
+    part = "" if args.part == "all" else f"_{args.part}"
+    out = Path(args.out) / f"nf4_dora{part}_{gpu.replace(' ', '_')}.json"
+
+    def write(complete: bool) -> None:
+        """The JSON after each table, so that a run cut short (a time limit) keeps what it measured."""
+        if args.json:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+                    "quantframe": __import__("quantframe").__version__, **versions,
+                    "date": str(datetime.date.today()), "python": platform.python_version(),
+                    "copy_gbps": bandwidth / 1e9, "linear_bound": LINEAR_BOUND, "out_bound": OUT_BOUND,
+                    "grad_bound": GRAD_BOUND, "rank": RANK, "alpha": ALPHA, "complete": complete}  # fmt: skip
+            out.write_text(json.dumps({"meta": meta, "linear": linear, "dora": dora}, indent=1))
+
     if args.part in ("all", "linear"):
         linear = run_linear_table(LINEAR_ROWS, LINEAR_MS, n, k, "cuda", timer)
         print(f"\nNF4 linear: rel err vs x @ dequant(W).T, each row's own dequantization (bound {LINEAR_BOUND}); "
               "graph timings with L2 flushed")  # fmt: skip
         print_table(n, k, linear, bandwidth)
+        write(False)
     p = make_params(FEATURES, FEATURES, "cuda")
     for base in ("bf16", "nf4") if args.part in ("all", "dora") else ():
         results = run_dora_table(base, p, DORA_INPUTS, DORA_ROWS, "cuda", timed=True)
         print_dora_table(base, FEATURES, FEATURES, results)
         dora += results
+        write(False)
+    write(True)
     if args.json:
-        part = "" if args.part == "all" else f"_{args.part}"
-        out = Path(args.out) / f"nf4_dora{part}_{gpu.replace(' ', '_')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-                "quantframe": __import__("quantframe").__version__, **versions,
-                "date": str(datetime.date.today()), "python": platform.python_version(),
-                "copy_gbps": bandwidth / 1e9, "linear_bound": LINEAR_BOUND, "out_bound": OUT_BOUND,
-                "grad_bound": GRAD_BOUND, "rank": RANK, "alpha": ALPHA}  # fmt: skip
-        out.write_text(json.dumps({"meta": meta, "linear": linear, "dora": dora}, indent=1))
         print(f"wrote {out}")
 
 

@@ -339,24 +339,32 @@ def main(argv=None):
     print(f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
     print(" | ".join(f"{p} {v}" for p, v in versions.items()))
     latency, bandwidth, train = [], None, []
+    out = Path(args.out) / f"ternary_{gpu.replace(' ', '_')}.json"
+
+    def write(complete: bool) -> None:
+        """The JSON after each part, so that a run cut short (a time limit) keeps what it measured."""
+        if args.json:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, **versions,
+                    "date": str(datetime.date.today()), "python": platform.python_version(),
+                    "copy_gbps": bandwidth / 1e9 if bandwidth else None, "l2_flush": not args.warm_l2,
+                    "formats": {f: {"bits": b, "bound": t} for f, (b, t) in FORMATS.items()},
+                    "complete": complete}  # fmt: skip
+            out.write_text(json.dumps({"meta": meta, "latency": latency, "train_step": train}, indent=1))
+
     if args.part in ("all", "latency"):
         bandwidth = copy_bandwidth()
         timer = Timer(args.warm_l2, GRAPH_MAX_M)
         rows = {name: row for name, row in LATENCY_ROWS.items() if not wanted or any(w in name for w in wanted)}
         latency = latency_rows(N, K, [int(v) for v in args.m.split(",") if v], rows, "cuda", timer)
         print_latency(N, K, latency, bandwidth)
+        write(False)
     if args.part in ("all", "train"):
         rows = {name: row for name, row in TRAIN_ROWS.items() if not wanted or any(w in name for w in wanted)}
         train = train_rows(rows, args.warmup, args.steps, args.profile)
         print_train(train)
+    write(True)
     if args.json:
-        out = Path(args.out) / f"ternary_{gpu.replace(' ', '_')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, **versions,
-                "date": str(datetime.date.today()), "python": platform.python_version(),
-                "copy_gbps": bandwidth / 1e9 if bandwidth else None, "l2_flush": not args.warm_l2,
-                "formats": {f: {"bits": b, "bound": t} for f, (b, t) in FORMATS.items()}}  # fmt: skip
-        out.write_text(json.dumps({"meta": meta, "latency": latency, "train_step": train}, indent=1))
         print(f"wrote {out}")
 
 
