@@ -96,12 +96,17 @@ def prune_gemm(group_key: str) -> Callable:
         if kwargs["DOT_FP32"]:  # fp32 FMA tiles: only the smallest fit in registers
             fp32 = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 4096 and c.kwargs["BLOCK_K"] <= 32]
             ok = fp32 or ok
-        # skinny token tiles (BLOCK_M <= 32) only for a few rows, and no tile far larger than the problem
-        cap = max(32, triton.next_power_of_2(m))
-        fit = [c for c in ok if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32) and c.kwargs["BLOCK_M"] <= cap]
-        return fit or ok
+        return token_tiles(ok, m, 32)
 
     return prune
+
+
+def token_tiles(configs: list, m: int, floor: int) -> list:
+    """The configs whose token tile suits ``m`` rows: skinny tiles (``BLOCK_M`` <= 32) only for a few
+    rows and none for many, and no tile past ``max(floor, next power of two >= m)``; all if none does."""
+    cap = max(floor, triton.next_power_of_2(m))
+    fit = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32) and c.kwargs["BLOCK_M"] <= cap]
+    return fit or configs
 
 
 # ---- kernel epilogue ---------------------------------------------------------------------------

@@ -183,11 +183,8 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Skip token tiles far larger than the problem."""
-    m = named_args["M"]
-    small = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == (m <= 32)
-             and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))]  # fmt: skip
-    return small or configs
+    """Token tiles that suit the problem (``_weight_mm.token_tiles``)."""
+    return wmm.token_tiles(configs, named_args["M"], 64)
 
 
 @triton.autotune(

@@ -231,20 +231,20 @@ class AdamW(torch.optim.Optimizer):
                     state.update(self._init_state(p, group))
                 grad = _local(grad)
                 kind, data, cached = self._plan(p, grad, state, group)
+                if kind == "unfused":
+                    self._update(p, state, group)
+                    continue
+                state["step"] += 1
+                step = state["step"].item()
                 if kind == "plain":
                     weight, exp_avg, exp_avg_sq = data
-                    state["step"] += 1
-                    plain.append((weight, grad, exp_avg, exp_avg_sq, state["step"].item()))
-                elif kind == "int8":
+                    plain.append((weight, grad, exp_avg, exp_avg_sq, step))
+                else:  # "int8"
                     key, maps, weight, checked = data
-                    state["step"] += 1
-                    step = state["step"].item()
                     entry = int8.setdefault((*key, step), (step, maps, [], []))
                     entry[2].append(dict(weight, grad=grad.reshape(weight["int_data"].shape)))
                     if not checked:
                         entry[3].append(cached)
-                else:
-                    self._update(p, state, group)
             if plain:
                 _fused_plain_step(plain, group)
             for step, maps, weights, unchecked in int8.values():
