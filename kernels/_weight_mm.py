@@ -68,15 +68,22 @@ def gemm_configs(shapes: Sequence[tuple[int, int, int, int, int]], interpreter_b
     ]
 
 
-def prune_gemv(group_key: str) -> Callable:
+def prune_gemv(group_key: str, spans_key: str | None = None) -> Callable:
     """Early prune for a GEMV kernel whose constexpr ``group_key`` is the elements per scale (0: one
-    group per row): ``BLOCK_K`` must divide the group; the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product
-    must fit in registers (<= 64 fp32 values a thread at 4 warps: ptxas on sm_90 spills above)."""
+    group per row): ``BLOCK_K`` must divide the group (or be a multiple of it when the constexpr
+    ``spans_key`` is true: a kernel path that takes several groups per tile); the
+    ``[BLOCK_N, BLOCK_K, BLOCK_M]`` product must fit in registers (<= 64 fp32 values a thread at 4
+    warps: ptxas on sm_90 spills above)."""
 
     def prune(configs, named_args, **kwargs):
         group, block_m = kwargs[group_key], kwargs["BLOCK_M"]
-        ok = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
-        fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192]
+        spans = bool(spans_key and kwargs.get(spans_key))
+        ok = [
+            c for c in configs
+            if group == 0 or group % c.kwargs["BLOCK_K"] == 0 or (spans and c.kwargs["BLOCK_K"] % group == 0)
+        ]  # fmt: skip
+        per = 8 if spans else 1  # the spanning path's fp32 tiles are [BLOCK_N, BLOCK_K / 8] (int32 words)
+        fit = [c for c in ok if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * block_m <= 8192 * per]
         # Measured on H200 (triton 3.6): BLOCK_N = BLOCK_K = 16 at BLOCK_M = 16 returns wrong sums
         # for the packed 4/3/2-bit affine weights (their codes are interleaved back into K order);
         # the same tile at BLOCK_M <= 8, and every other tile, agree with the reference.
@@ -174,12 +181,13 @@ def launch(
     weight_strides: tuple[int, ...],
     bias: Tensor | None,
     n: int,
+    gemv_kwargs: dict | None = None,
     **constexprs,
 ) -> Tensor:
     """``y [M, N]`` in x's dtype for 2-D ``x [M, K]``: empty / zero-K cases on the host, else the
-    GEMV kernel for ``M < MMA_MIN_ROWS`` (``BLOCK_M`` = next power of two >= M), the GEMM kernel
-    from there on (``DOT_FP32`` for fp32 x or the interpreter). ``weights[1]`` (the scale) doubles as the
-    bias pointer when there is no bias."""
+    GEMV kernel for ``M < MMA_MIN_ROWS`` (``BLOCK_M`` = next power of two >= M; plus ``gemv_kwargs``),
+    the GEMM kernel from there on (``DOT_FP32`` for fp32 x or the interpreter). ``weights[1]`` (the
+    scale) doubles as the bias pointer when there is no bias."""
     m, k = x.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -200,7 +208,7 @@ def launch(
         for i in range(0, m, step):
             rows = min(step, m - i)
             part = (x[i : i + rows], *args[1:5], y[i : i + rows], rows, *args[7:])
-            wrap_triton(gemv_kernel)[grid](*part, **constexprs, BLOCK_M=triton.next_power_of_2(rows))
+            wrap_triton(gemv_kernel)[grid](*part, **constexprs, **(gemv_kwargs or {}), BLOCK_M=triton.next_power_of_2(rows))
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         dot_fp32 = x.dtype == torch.float32 or interpreted()

@@ -4,14 +4,17 @@
 scale[n, g]``, ``g = k // group_size`` (the layout of :class:`quantframe.affine.AffineQuantizedTensor`).
 Each program reads its slice of the packed weight once and never writes ``W`` in float:
 
-* ``M <= 16`` rows of x (decode): ``_affine_gemv_kernel``, one program per ``BLOCK_N`` output
-  features holding all rows of x, a multiply-and-sum on CUDA cores (no tensor-core padding of M).
-* more rows (prefill): ``_affine_gemm_kernel``, ``tl.dot`` tiles in x's 16-bit dtype.
+* one row of x (decode): ``_affine_gemv_kernel``, one program per ``BLOCK_N`` output features, a
+  multiply-and-sum on CUDA cores; 4-bit codes with whole int32 words per row take
+  ``_int4_words_row`` (K tiles of up to 1024 codes, several groups each).
+* 2-16 rows: ``_affine_gemm_kernel``'s skinny tiles (``BLOCK_M = 16``, tensor cores); from 17 rows the
+  dispatcher dequantizes W once and calls the dense matmul (``_weight_mm.DENSE_MIN_ROWS``).
 
-Both subtract the zero point in registers (codes minus zero point are small integers, exact in
-bf16/fp16) and apply the scale to the fp32 partial sum of each ``BLOCK_K`` slice, which never
-straddles a group (``BLOCK_K`` divides ``group_size``). Accumulation is fp32; the result is cast to
-``x.dtype``.
+Codes become floats without an int-to-float instruction (``_codes_minus_zero``: the code in the
+mantissa of 2**23, one float subtract), exact; on tensor cores the exact ``code - zero_point`` goes
+to bf16 by taking the high half of its fp32 bits, and each group's scale multiplies the fp32 partial
+sum of its ``BLOCK_K`` slice (which never straddles a group). Accumulation is fp32; the result is
+cast to ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -131,13 +134,14 @@ def affine_mm_reference(
 # ---- Triton ------------------------------------------------------------------------------------
 @triton.jit
 def _packed_bytes(q_ptr, offs_n, mask_n, byte, n_bytes, stride_qn, stride_qk):
-    """int32 bytes ``qdata[offs_n, byte]`` of a ``[BLOCK_N, len(byte)]`` tile (as signed or unsigned as
-    qdata); 0 past ``n_bytes``."""
-    return tl.load(
+    """The bytes ``qdata[offs_n, byte]`` of a ``[BLOCK_N, len(byte)]`` tile, zero-extended to int32
+    (int8 qdata too); 0 past ``n_bytes``."""
+    b = tl.load(
         q_ptr + offs_n[:, None] * stride_qn + byte[None, :] * stride_qk,
         mask=mask_n[:, None] & (byte < n_bytes)[None, :],
         other=0,
-    ).to(tl.int32)
+    )
+    return b.to(tl.uint8, bitcast=True).to(tl.int32)
 
 
 @triton.jit
@@ -145,10 +149,19 @@ def _codes_minus_zero(
     q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """int32 ``code - zero_point`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (group ``g``);
-    lanes past ``K`` hold ``-zero_point`` and must meet zeros of x."""
-    if BITS == 8:  # one code per byte; int8 sign-extends, uint8 zero-extends
-        q = _packed_bytes(q_ptr, offs_n, mask_n, k0 + tl.arange(0, BLOCK_K).to(tl.int64), K, stride_qn, stride_qk)
+    """fp32 ``code - zero_point`` of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0`` (group ``g``),
+    exact; lanes past ``K`` hold ``-zero_point`` (and -128 for int8 codes) and must meet zeros of x.
+
+    No int-to-float conversion: the unsigned code ``u`` (an int8 code + 128) becomes the mantissa of
+    2**23 (the float with bits ``0x4B000000 | u`` is ``2**23 + u``), and one float subtract of
+    ``2**23 + zero_point (+ 128)`` leaves ``code - zero_point``. The conversion instruction (I2F, a
+    quarter-rate op on sm_90) and the zero point's integer subtract were the decode kernels' limit:
+    ~30 us for the int4 g128 GEMV at 4096 -> 14336 on H200, against a 7.4 us memory floor."""
+    offset: tl.constexpr = 128.0 if q_ptr.dtype.element_ty == tl.int8 else 0.0
+    if BITS == 8:  # one code per byte
+        u = _packed_bytes(q_ptr, offs_n, mask_n, k0 + tl.arange(0, BLOCK_K).to(tl.int64), K, stride_qn, stride_qk)
+        if offset != 0.0:  # int8 code + 128 in [0, 255], flipping the sign bit of the zero-extended byte
+            u = u ^ 0x80
     elif BITS == 4:
         # Two codes per byte, element 2i in the low nibble. The tile's BLOCK_K / 2 bytes are loaded
         # as one contiguous run (vectorized), then the nibbles interleaved back into K order: loading
@@ -156,46 +169,126 @@ def _codes_minus_zero(
         # ran at ~125 GB/s on H100).
         pk = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
         p = _packed_bytes(q_ptr, offs_n, mask_n, pk, K // 2, stride_qn, stride_qk)  # K is even for 4 bits
-        q = tl.interleave(p & 15, (p >> 4) & 15)
+        u = tl.interleave(p & 15, p >> 4)
     elif BITS == 2:  # four codes per byte, element 4i + j in bits 2j..2j+1 of byte i
         pk = k0 // 4 + tl.arange(0, BLOCK_K // 4).to(tl.int64)
         p = _packed_bytes(q_ptr, offs_n, mask_n, pk, K // 4, stride_qn, stride_qk)
-        q = tl.interleave(tl.interleave(p & 3, (p >> 4) & 3), tl.interleave((p >> 2) & 3, (p >> 6) & 3))
+        u = tl.interleave(tl.interleave(p & 3, (p >> 4) & 3), tl.interleave((p >> 2) & 3, p >> 6))
     else:  # 3 bits: eight codes in three bytes (a 24-bit little-endian word), element 8u + j in bits 3j..3j+2
-        u = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
-        word = _packed_bytes(q_ptr, offs_n, mask_n, 3 * u, 3 * (K // 8), stride_qn, stride_qk)
-        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * u + 1, 3 * (K // 8), stride_qn, stride_qk) << 8
-        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * u + 2, 3 * (K // 8), stride_qn, stride_qk) << 16
+        w3 = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+        word = _packed_bytes(q_ptr, offs_n, mask_n, 3 * w3, 3 * (K // 8), stride_qn, stride_qk)
+        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * w3 + 1, 3 * (K // 8), stride_qn, stride_qk) << 8
+        word |= _packed_bytes(q_ptr, offs_n, mask_n, 3 * w3 + 2, 3 * (K // 8), stride_qn, stride_qk) << 16
         even = tl.interleave(  # codes 0, 2, 4, 6 of each unit
             tl.interleave(word & 7, (word >> 12) & 7), tl.interleave((word >> 6) & 7, (word >> 18) & 7)
         )
         odd = tl.interleave(  # codes 1, 3, 5, 7
-            tl.interleave((word >> 3) & 7, (word >> 15) & 7), tl.interleave((word >> 9) & 7, (word >> 21) & 7)
+            tl.interleave((word >> 3) & 7, (word >> 15) & 7), tl.interleave((word >> 9) & 7, word >> 21)
         )
-        q = tl.interleave(even, odd)
-    z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
-    return q - z[:, None]
+        u = tl.interleave(even, odd)
+    z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+    return (u ^ 0x4B000000).to(tl.float32, bitcast=True) - (z + (8388608.0 + offset))[:, None]
 
 
-_GEMV_SHAPES = [(16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128)]
+@triton.jit
+def _exact_16bit(w, dtype: tl.constexpr):
+    """fp32 small integers ``w`` (|w| <= 256) as ``dtype`` (bf16 / fp16), exact. bf16 is the high half
+    of the fp32 bits (the low half is zero for such integers): no conversion instruction."""
+    if dtype == tl.bfloat16:
+        return (w.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return w.to(dtype)
+
+
+@triton.jit
+def _int4_words_row(
+    x_ptr, q_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_xk, stride_qn, stride_sn, stride_sg, stride_zn, stride_zg,
+    magic, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``[BLOCK_N, 1]`` = one row of x times 4-bit codes read as int32 words (``qdata`` rows
+    4-byte aligned, ``K % 8 == 0``; ``stride_qn`` in bytes, codes contiguous along K).
+
+    Word ``i`` of a row holds elements ``8i + j`` in bits ``4j .. 4j + 3``. Nibble ``j < 4`` is masked
+    in place: ``(word & 15 << 4j) | magic`` (``magic`` = 0x4B000000, a kernel argument so that one
+    three-input logic op does both) is the float ``2**23 + code * 16**j``; nibbles 4-7 the same from
+    ``word >> 16``. A float subtract of ``2**23`` (exact) and an FMA with ``x[8i + j] / 16**j`` (exact)
+    finish each weight: three instructions, no int-to-float conversion. The zero point comes off
+    once per word (``zero_point * sum(x[8i : 8i + 8])``), the group's scale once per word. The
+    nibbles are never interleaved back into K order: x is read in the words' order (eight strided
+    slices, from L1)."""
+    q32 = q_ptr.to(tl.pointer_type(tl.int32))
+    magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
+    offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K // max(GROUP_SIZE, 8)), dtype=tl.float32)  # tiles of several groups
+    for k0 in range(0, K, BLOCK_K):
+        g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
+        # One word per thread along K (no vector loads): a thread then holds one word of many rows,
+        # and the x values of that word serve all of them.
+        w_idx = k0 // 8 + offs_w
+        mask_w = w_idx < K // 8
+        word = tl.load(
+            q32 + offs_n[:, None] * (stride_qn // 4) + w_idx[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0
+        )
+        high = word >> 16  # nibbles 4-7 in bits 0-15 (the sign bits above are masked off)
+        part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            half = word if j < 4 else high
+            f = ((half & (15 << 4 * (j % 4))) | magic).to(tl.float32, bitcast=True) - 8388608.0  # code * 16**(j % 4)
+            xj = tl.load(x_ptr + (8 * w_idx + j) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+            x_sum += xj
+            part += f * (xj * (1.0 / (1 << 4 * (j % 4))))[None, :]
+        if GROUP_SIZE == 0 or GROUP_SIZE >= BLOCK_K:  # one group per row of the tile
+            z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
+            part -= z[:, None] * x_sum[None, :]
+            if GROUP_SIZE == 0:
+                acc += part
+            else:
+                acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+        else:  # several groups along the tile: sum each group's words, then its zero point and scale
+            WPG: tl.constexpr = GROUP_SIZE // 8  # words per group
+            gs = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+            mask = mask_n[:, None] & (gs < K // GROUP_SIZE)[None, :]
+            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + gs[None, :] * stride_zg, mask=mask, other=0)
+            part_g = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // GROUP_SIZE, WPG)), axis=2)
+            x_g = tl.sum(tl.reshape(x_sum, (BLOCK_K // GROUP_SIZE, WPG)), axis=1)
+            s_g = tl.load(s_ptr + offs_n[:, None] * stride_sn + gs[None, :] * stride_sg, mask=mask, other=0.0)
+            acc_g += (part_g - z.to(tl.float32) * x_g[None, :]) * s_g
+    if GROUP_SIZE != 0 and GROUP_SIZE < BLOCK_K:
+        out = tl.sum(acc_g, axis=1)[:, None]
+    else:
+        out = tl.sum(acc, axis=1)[:, None]
+    if GROUP_SIZE == 0:
+        out = out * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
+    return out
+
+
+# (BLOCK_N, BLOCK_K); long K tiles (256, 512) measured fastest for one row on H200 (int8 16 x 256:
+# 20.7 us against 28.0 at 16 x 128); they reach past a group only in _int4_words_row (prune_gemv).
+_GEMV_SHAPES = [
+    (16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128),
+    (16, 256), (16, 512), (8, 512), (8, 1024), (16, 1024), (32, 1024),
+]  # fmt: skip
 
 
 @triton.autotune(
     configs=wmm.gemv_configs(_GEMV_SHAPES, interpreter_block_k=16),  # (BLOCK_N, BLOCK_K) at 4 warps
     key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"],
-    prune_configs_by={"early_config_prune": wmm.prune_gemv("GROUP_SIZE")},
+    prune_configs_by={"early_config_prune": wmm.prune_gemv("GROUP_SIZE", "WORDS")},
 )
 @triton.jit
 def _affine_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,  # x [M, K], qdata, scale/zero_point [N, G], bias [N], y [M, N]
     M, N, K,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym, stride_yn,
+    magic,  # 0x4B000000 (see _int4_words_row)
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # 0: one group per row
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: one scale per row of a tile
+    WORDS: tl.constexpr = False,  # one row, 4 bits: qdata read as int32 words (_int4_words_row)
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -203,6 +296,13 @@ def _affine_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
+    if WORDS:  # one row (the host's choice), 4 bits
+        acc = _int4_words_row(
+            x_ptr, q_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_xk, stride_qn, stride_sn, stride_sg, stride_zn,
+            stride_zg, magic, GROUP_SIZE, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+        return
     if BLOCK_M == 1:
         # One token: elementwise products accumulate in a [BLOCK_N, BLOCK_K] tile and are reduced
         # across K once at the end, not once per tile (a cross-lane reduction per iteration).
@@ -212,7 +312,7 @@ def _affine_gemv_kernel(
             w = _codes_minus_zero(
                 q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N,
                 BLOCK_K,
-            ).to(tl.float32)  # fmt: skip
+            )  # fmt: skip
             rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             xv = tl.load(x_ptr + rk * stride_xk, mask=rk < K, other=0.0).to(tl.float32)  # zeros past K
             if GROUP_SIZE != 0:
@@ -228,7 +328,7 @@ def _affine_gemv_kernel(
         g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
         w = _codes_minus_zero(
             q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N, BLOCK_K
-        ).to(tl.float32)
+        )
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         xt = tl.load(
             x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
@@ -282,15 +382,20 @@ def _affine_gemm_kernel(
             mask=(rk < K)[:, None] & mask_m[None, :],
             other=0.0,
         )
-        wt = w.to(tl.float32)
-        if GROUP_SIZE != 0:
-            # Scale the tile before the dot, rounding W to x's dtype as a dense 16-bit layer holds it:
-            # a second [BLOCK_N, BLOCK_M] fp32 partial sum per group would spill (ptxas on sm_90).
-            wt = wt * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
         if DOT_FP32:  # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16)
-            acc = tl.dot(wt, xt.to(tl.float32), acc, input_precision="ieee")
-        else:  # per row, code - zero_point in [-255, 255] is exact in bf16/fp16: exact products
-            acc = tl.dot(wt.to(xt.dtype), xt, acc)
+            if GROUP_SIZE != 0:
+                w = w * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+        elif GROUP_SIZE == 0:  # per row: code - zero_point in [-255, 255] is exact in bf16/fp16
+            acc = tl.dot(_exact_16bit(w, xt.dtype), xt, acc)
+        elif BLOCK_M <= 32:  # a few rows: exact codes, the group's scale on its fp32 partial sum
+            part = tl.dot(_exact_16bit(w, xt.dtype), xt)
+            acc += part * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+        else:
+            # Larger tiles scale the tile before the dot, rounding W to x's dtype as a dense 16-bit
+            # layer holds it: a second [BLOCK_N, BLOCK_M] fp32 partial sum would spill (sm_90).
+            w = w * tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)[:, None]
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
     if GROUP_SIZE == 0:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[:, None]
     bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
@@ -314,7 +419,7 @@ def _affine_dequantize_kernel(
     g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
     w = _codes_minus_zero(
         q_ptr, z_ptr, offs_n, mask_n, k0, K, g, stride_qn, stride_qk, stride_zn, stride_zg, BITS, BLOCK_N, BLOCK_K
-    ).to(tl.float32)
+    )
     s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
     rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
     mask = mask_n[:, None] & (rk < K)[None, :]
@@ -331,7 +436,25 @@ def _affine_mm_op(
     weights = (qdata, scale, zero_point)
     strides = (*qdata.stride(), *scale.stride(), *zero_point.stride())  # all 2-D
     constexprs = {"BITS": bits, "GROUP_SIZE": group_size}
-    return wmm.launch(_affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0], **constexprs)
+    gemv = {"magic": _MAGIC_BITS, "WORDS": x.shape[0] == 1 and _words_ok(x, qdata, bits)}
+    return wmm.launch(
+        _affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0], gemv, **constexprs
+    )
+
+
+_MAGIC_BITS = 0x4B000000  # the float 2**23 (see _codes_minus_zero, _int4_words_row)
+
+
+def _words_ok(x: Tensor, qdata: Tensor, bits: int) -> bool:
+    """Whether one row of x may take :func:`_int4_words_row`: 4-bit codes whose rows are whole,
+    4-byte-aligned int32 words (storages start aligned; ``data_ptr`` is not there under compile)."""
+    return (
+        bits == 4
+        and x.shape[-1] % 8 == 0
+        and qdata.stride(1) == 1
+        and qdata.stride(0) % 4 == 0
+        and qdata.storage_offset() % 4 == 0
+    )
 
 
 def _setup_context(ctx, inputs, output):

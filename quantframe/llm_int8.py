@@ -115,16 +115,14 @@ GEMV_MAX_ROWS = 16  # up to this many rows of x (decode), one weight-only GEMV r
 def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Tensor:
     """``x [M, K]`` (M >= 1) @ dequant(W).T with the outlier decomposition -> fp32 ``[M, N]``."""
     from quantframe import kernels  # lazy: `import quantframe` stays triton-free
-    from quantframe.kernels import affine_mm, int8_mm, int8_rowwise, int8_weight_mm
+    from quantframe.kernels import affine_mm, int8_mm, int8_rowwise, int8_weight_mm, llm_int8_input
 
-    outl = (x.abs() > threshold).any(0)  # [K] bool
-    x_q, x_scale = int8_rowwise.quantize_rowwise_int8(x.masked_fill(outl, 0))
-    on_gpu = kernels.use_triton(x)
-    if on_gpu and x.shape[0] <= GEMV_MAX_ROWS:
+    if kernels.use_triton(x) and x.shape[0] <= GEMV_MAX_ROWS:
         # Decode is bound by reading W: both parts in one pass over it. Column k of x is x_q * sx
-        # (the INT8 part's value, exact in fp32) or, in an outlier column, x itself; the fused
-        # INT8-weight kernel sums them in fp32: the two parts' sum up to fp32 rounding.
-        x_mixed = torch.where(outl, x.float(), x_q.float() * x_scale.reshape(-1, 1))
+        # (the INT8 part's value, exact in fp32) or, in an outlier column, x itself (one kernel
+        # builds that row); the fused INT8-weight kernel sums them in fp32: the two parts' sum up
+        # to fp32 rounding.
+        x_mixed = llm_int8_input.llm_int8_mixed_input(x, threshold)
         if x.shape[0] == 1:
             # One token: the int8 weight family's GEMV (fp32 products on the CUDA cores, per-row scale,
             # zero point 0): fp32 x gets no tensor cores, and the 2-D kernel below would multiply a
@@ -132,6 +130,9 @@ def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Te
             zero = torch.zeros((1, 1), dtype=torch.int32, device=x.device).expand(qdata.shape[0], 1)
             return affine_mm.affine_mm_triton(x_mixed, qdata, scale.reshape(-1, 1), zero, 8, None)
         return int8_weight_mm.int8_weight_mm(x_mixed, qdata, scale)
+    outl = (x.abs() > threshold).any(0)  # [K] bool
+    x_q, x_scale = int8_rowwise.quantize_rowwise_int8(x.masked_fill(outl, 0))
+    on_gpu = kernels.use_triton(x)
     # W's outlier columns meet zeros of x_q: the INT8 GEMM needs no masked copy of W
     y = int8_mm.int8_scaled_mm(x_q, qdata, x_scale, scale, None, out_dtype=torch.float32)
     x_out = x.masked_fill(~outl, 0)

@@ -320,3 +320,72 @@ def test_groups_of_16_take_8_rows_a_gemv_launch(m, monkeypatch):
     y = affine_mm_triton(x, qdata, scale, zero_point, 4, 16)
     assert blocks == [8, triton.next_power_of_2(m - 8)]
     torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, 16), rtol=1e-5, atol=1e-4)
+
+
+# ---- one row of 4-bit codes read as int32 words (_int4_words_row) -------------------------------
+@pytest.mark.parametrize("group", [16, 32, 64, None], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("block_n, block_k", [(16, 64), (16, 128), (8, 256)])
+def test_int4_words_row_matches_reference_across_groups(group, block_n, block_k):
+    # The GPU takes K tiles of up to 1024 codes, several groups each; the interpreter's autotune list
+    # has one 16 x 16 tile, so the spanning path (BLOCK_K > group) is launched here by hand.
+    torch.manual_seed(0)
+    n, k = 24, 256
+    qdata, scale, zero_point = _weight(n, k, 4, group, False)
+    x = torch.randn(1, k)
+    y = torch.empty(1, n)
+    args = (x, qdata, scale, zero_point, scale, y, 1, n, k, *x.stride(), *qdata.stride(), *scale.stride(),
+            *zero_point.stride(), *y.stride(), affine_mm_module._MAGIC_BITS)  # fmt: skip
+    affine_mm_module._affine_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
+        *args, BITS=4, GROUP_SIZE=group or 0, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
+        WORDS=True,
+    )  # fmt: skip
+    torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, group), rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_prune_lets_only_the_words_path_span_groups():
+    from quantframe.kernels import _weight_mm as wmm
+
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4) for n, k in ((16, 64), (16, 512), (16, 1024))]
+    tiles = lambda kept: [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]  # noqa: E731
+    prune = wmm.prune_gemv("GROUP_SIZE", "WORDS")
+    assert tiles(prune(configs, {}, GROUP_SIZE=128, BLOCK_M=1, WORDS=False)) == [(16, 64)]
+    # words: fp32 tiles of BLOCK_K / 8 per row, so 16 x 1024 fits too
+    assert tiles(prune(configs, {}, GROUP_SIZE=128, BLOCK_M=1, WORDS=True)) == [(16, 64), (16, 512), (16, 1024)]
+    assert tiles(wmm.prune_gemv("GROUP_SIZE")(configs, {}, GROUP_SIZE=128, BLOCK_M=1)) == [(16, 64)]
+
+
+def _launched_words(monkeypatch, x, qdata, scale, zero_point, group):
+    from quantframe.kernels import _weight_mm as wmm
+
+    seen = []
+    real = wmm.wrap_triton
+
+    def wrap(kernel):
+        launch = real(kernel)
+
+        class Noting:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    seen.append(kwargs.get("WORDS"))
+                    return launch[grid](*args, **kwargs)
+
+                return run
+
+        return Noting()
+
+    monkeypatch.setattr(wmm, "wrap_triton", wrap)
+    y = affine_mm_triton(x, qdata, scale, zero_point, 4, group)
+    torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, group), rtol=1e-5, atol=1e-4)
+    return seen
+
+
+def test_one_row_of_aligned_4bit_codes_takes_the_words_path(monkeypatch):
+    qdata, scale, zero_point = _weight(32, 64, 4, 32, False)
+    assert _launched_words(monkeypatch, torch.randn(1, 64), qdata, scale, zero_point, 32) == [True]
+    assert _launched_words(monkeypatch, torch.randn(2, 64), qdata, scale, zero_point, 32) == [None]  # the GEMM kernel
+    # rows that do not start on a 4-byte boundary: the byte path
+    shifted = torch.empty(qdata.numel() + 1, dtype=torch.uint8)[1:].view(qdata.shape).copy_(qdata)
+    assert _launched_words(monkeypatch, torch.randn(1, 64), shifted, scale, zero_point, 32) == [False]
+    # K not a multiple of 8 (whole words): the byte path
+    qdata, scale, zero_point = _weight(32, 36, 4, None, False)
+    assert _launched_words(monkeypatch, torch.randn(1, 36), qdata, scale, zero_point, None) == [False]
