@@ -116,6 +116,10 @@ def _gemv_configs() -> list[triton.Config]:
     if _interpreted():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
     shapes = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (16, 256), (64, 128), (32, 256)]
+    # Long K tiles: for the one-row affine GEMVs they decided the time on H200 (int8 16 x 256: 20.7 us,
+    # 16 x 128: 28.0; int4 30 -> 17 us with 1,024-code tiles); offered here untimed, the autotuner
+    # keeps them only where they win.
+    shapes += [(16, 512), (8, 512), (8, 1024)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
 
 
