@@ -195,7 +195,7 @@ def bare_linear(p: DoRAParams, base: str) -> Impl:
     return Impl(lambda x: F.linear(x, p.w), [], None)  # bf16 for either base: the layer without adapters
 
 
-def quantframe_dora(compiled: bool) -> Callable[[DoRAParams, str], Impl]:
+def quantframe_dora(compiled: bool, fused_forward: bool = False) -> Callable[[DoRAParams, str], Impl]:
     def build(p, base):
         import quantframe
 
@@ -207,6 +207,7 @@ def quantframe_dora(compiled: bool) -> Callable[[DoRAParams, str], Impl]:
         if not isinstance(layer, quantframe.DoRALinear):
             raise TypeError("apply_adapters_ left the linear an nn.Linear (the 'quantframe' log says why)")
         _load_([layer.lora_A, layer.lora_B, layer.magnitude], p)
+        layer.fused_forward = fused_forward  # one Triton GEMM: x W.T, the LoRA add, the scale epilogue
         fn = torch.compile(layer, dynamic=False) if compiled else layer
         return Impl(fn, [layer.lora_A, layer.lora_B, layer.magnitude], layer.weight)
 
@@ -249,6 +250,7 @@ DORA_ROWS: dict[str, DoRARow] = {  # run in this order: quantframe rows compare 
     "PEFT DoRA": DoRARow(peft_dora, "peft"),
     "quantframe DoRALinear, eager": DoRARow(quantframe_dora(False), "quantframe"),
     "quantframe DoRALinear, compiled": DoRARow(quantframe_dora(True), "quantframe"),
+    "quantframe DoRALinear, fused forward GEMM, compiled": DoRARow(quantframe_dora(True, True), "quantframe"),
     "reference (eager PyTorch, fp32 math)": DoRARow(reference_dora),
 }
 

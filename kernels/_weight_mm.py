@@ -208,7 +208,8 @@ def launch(
         for i in range(0, m, step):
             rows = min(step, m - i)
             part = (x[i : i + rows], *args[1:5], y[i : i + rows], rows, *args[7:])
-            wrap_triton(gemv_kernel)[grid](*part, **constexprs, **(gemv_kwargs or {}), BLOCK_M=triton.next_power_of_2(rows))
+            extra = {**constexprs, **(gemv_kwargs or {})}
+            wrap_triton(gemv_kernel)[grid](*part, **extra, BLOCK_M=triton.next_power_of_2(rows))
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         dot_fp32 = x.dtype == torch.float32 or interpreted()

@@ -9,9 +9,16 @@ later flag.
 
 ``dora_scale_bias`` is the layer's output epilogue, ``y = pre * scale + bias`` for the ``[M, N]``
 pre-scale output: one pass in fp32 (eager PyTorch makes four: upcast, multiply, add, downcast).
+
+``dora_linear`` is the whole forward product in one GEMM: ``pre = x W.T + xa (sB).T`` (the LoRA
+output added in the epilogue, a second small-K ``tl.dot`` with ``r <= 64``), stored once in x's
+dtype for the backward, and ``y = pre * scale + bias`` from the same registers; unfused, the LoRA
+add and the epilogue are two more passes over the ``[M, N]`` output.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,8 +27,12 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
+from .int8_rowwise import _round_to_bf16
 
 __all__ = [
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_linear_triton",
     "dora_column_norm",
     "dora_column_norm_reference",
     "dora_column_norm_triton",
@@ -201,3 +212,159 @@ def dora_scale_bias(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: 
     if use_triton(pre) and pre.dtype != torch.float64:
         return dora_scale_bias_triton(pre, scale, bias, out_dtype)
     return dora_scale_bias_reference(pre, scale, bias, out_dtype)
+
+
+# ---- the forward GEMM with the LoRA add and the scale in its epilogue --------------------------
+def _check_linear_args(x, w, xa, lora_b, scale, bias) -> None:
+    if x.dim() != 2 or w.dim() != 2 or xa.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            f"dora_linear: expected x [M, K], w [N, K], xa [M, r], lora_b [N, r], got shapes {tuple(x.shape)}, "
+            f"{tuple(w.shape)}, {tuple(xa.shape)}, {tuple(lora_b.shape)}"
+        )
+    (m, k), (n, r) = x.shape, lora_b.shape
+    if w.shape != (n, k) or xa.shape != (m, r):
+        raise ValueError(
+            f"dora_linear: shapes do not agree: x {tuple(x.shape)}, w {tuple(w.shape)}, xa {tuple(xa.shape)}, "
+            f"lora_b {tuple(lora_b.shape)}"
+        )
+    if not 1 <= r <= _MAX_RANK:
+        raise ValueError(f"dora_linear: rank {r} (lora_b.shape[1]) must be in [1, {_MAX_RANK}]")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"dora_linear: {name}.shape={tuple(t.shape)}, expected ({n},)")
+    for name, t in (("x", x), ("w", w), ("xa", xa), ("lora_b", lora_b)):
+        if t.dtype != x.dtype or t.dtype not in _FLOAT_DTYPES[:3]:
+            raise TypeError(
+                f"dora_linear: {name}.dtype={t.dtype}; x, w, xa and lora_b must share one of float32, float16, bfloat16"
+            )
+
+
+def dora_linear_reference(
+    x: Tensor, w: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(y, pre)``: ``pre = x @ w.T + xa @ lora_b.T`` in fp32, rounded once to x's dtype;
+    ``y = pre * scale (+ bias)`` in fp32 (no scale: plain LoRA), rounded to ``out_dtype``.
+
+    ``x [M, K]``, ``w [N, K]`` (the dense base), ``xa [M, r]`` (``x_lora @ A.T``), ``lora_b [N, r]``
+    (``B`` times the LoRA scaling), all one float dtype; ``scale``, ``bias``: ``[N]`` or None.
+    Raises ValueError (shapes, rank > 64) / TypeError (dtypes).
+    """
+    _check_linear_args(x, w, xa, lora_b, scale, bias)
+    pre = (x.float() @ w.float().T + xa.float() @ lora_b.float().T).to(x.dtype)
+    y = pre.float()
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype), pre
+
+
+def _linear_configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper bf16 GEMM tiles; not yet timed on a GPU
+    shapes = [
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in shapes
+    ]
+
+
+@triton.autotune(configs=_linear_configs(), key=["M", "N", "K", "R_PAD", "DOT_FP32"])
+@triton.jit
+def _dora_linear_kernel(
+    x_ptr, w_ptr, xa_ptr, lb_ptr, s_ptr, b_ptr, pre_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_ar, stride_bn, stride_br,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grouped tile order: programs that run together share rows of x and columns of W in L2
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (8 * num_n)
+    first_m = group * 8
+    size_m = tl.minimum(num_m - first_m, 8)
+    pid_m = first_m + (pid % (8 * num_n)) % size_m
+    pid_n = (pid % (8 * num_n)) // size_m
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m, mask_n = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (rk < K)[None, :], other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + cols[:, None] * stride_wn + rk[None, :] * stride_wk,
+                    mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)  # fmt: skip
+        if DOT_FP32:  # fp32 inputs, or the interpreter (its bf16 dot is wrong: numpy has no bf16)
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    # the LoRA output, xa [BLOCK_M, r] @ lora_b[BLOCK_N, r].T, into the same accumulator
+    rr = tl.arange(0, R_PAD)
+    xa = tl.load(xa_ptr + rows[:, None] * stride_am + rr[None, :] * stride_ar,
+                 mask=mask_m[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
+    lb = tl.load(lb_ptr + cols[:, None] * stride_bn + rr[None, :] * stride_br,
+                 mask=mask_n[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
+    if DOT_FP32:
+        acc = tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xa, tl.trans(lb), acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    if pre_ptr.dtype.element_ty == tl.bfloat16:
+        acc = _round_to_bf16(acc)  # the interpreter's cast truncates; a no-op on the GPU
+    pre = acc.to(pre_ptr.dtype.element_ty)
+    tl.store(pre_ptr + offs, pre, mask=mask)
+    out = pre.to(tl.float32)  # the epilogue reads the stored (rounded) pre, as the unfused path does
+    if HAS_SCALE:
+        out = out * tl.load(s_ptr + cols, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        out = _round_to_bf16(out)
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("quantframe::dora_linear", mutates_args=())
+def _dora_linear_op(
+    x: Tensor, w: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor | None, bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Arguments checked by :func:`dora_linear_triton`; ``scale`` fp32 or None."""
+    (m, k), (n, r) = x.shape, lora_b.shape
+    pre = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m and n:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        wrap_triton(_dora_linear_kernel)[grid](
+            x, w, xa, lora_b, scale if scale is not None else x, bias if bias is not None else x, pre, y,
+            m, n, k, r, *x.stride(), *w.stride(), *xa.stride(), *lora_b.stride(),
+            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+            DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+            R_PAD=max(16, triton.next_power_of_2(r)),
+        )  # fmt: skip
+    return y, pre
+
+
+def dora_linear_triton(
+    x: Tensor, w: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`dora_linear_reference`: one GEMM writes ``pre`` and ``y``."""
+    _check_linear_args(x, w, xa, lora_b, scale, bias)
+    return torch.ops.quantframe.dora_linear(
+        x, w, xa, lora_b, None if scale is None else scale.float().contiguous(), bias, out_dtype
+    )
+
+
+def dora_linear(
+    x: Tensor, w: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(y, pre)`` of :func:`dora_linear_reference`: the fused Triton GEMM on CUDA, else the reference."""
+    if use_triton(x) and x.dtype in _FLOAT_DTYPES[:3]:
+        return dora_linear_triton(x, w, xa, lora_b, scale, bias, out_dtype)
+    return dora_linear_reference(x, w, xa, lora_b, scale, bias, out_dtype)

@@ -157,24 +157,35 @@ class _DoRALinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, magnitude, scaling: float, use_dora: bool):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, magnitude, scaling: float, use_dora: bool,
+                fused: bool = False):  # fmt: skip
         acc, mm = _acc_dtype(x), _mm_dtype(x)
         # x_lora None: no dropout, the branch reads x (dynamo rejects one tensor passed twice)
         x_lora = x if x_lora is None else x_lora
         ctx.shared_input = x_lora is x
         w_norm, w = _base_weights(weight, acc, mm)  # [N, K] each
         xa = x_lora.to(mm) @ lora_A.to(mm).T  # [M, r]
-        pre = (x.to(mm) @ w.T).addmm_(xa, (scaling * lora_B.to(acc)).to(mm).T)  # [M, N]
-        norm = None
+        lora_b = (scaling * lora_B.to(acc)).to(mm)  # [N, r], s B
+        norm = scale = None
         if use_dora:
             # lazy: keeps `import quantframe` triton-free
-            from quantframe.kernels.dora import dora_column_norm, dora_scale_bias
+            from quantframe.kernels.dora import dora_column_norm
 
             # [N] each, fp32; fused on CUDA (B @ A never written); the norm is a constant for autograd
             norm, scale = dora_column_norm(w_norm, lora_A.to(acc), lora_B.to(acc), magnitude, scaling)
-            out = dora_scale_bias(pre, scale, bias, x.dtype)  # fp32 math, one pass on CUDA
+        if fused and mm in (torch.bfloat16, torch.float16):
+            from quantframe.kernels.dora import dora_linear
+
+            # one GEMM: x W.T, the LoRA add and the scale / bias epilogue; pre stored once for dm
+            out, pre = dora_linear(x.to(mm), w, xa, lora_b, scale, bias, x.dtype)
         else:
-            out = pre if bias is None else pre + bias.to(mm)
+            pre = (x.to(mm) @ w.T).addmm_(xa, lora_b.T)  # [M, N]
+            if use_dora:
+                from quantframe.kernels.dora import dora_scale_bias
+
+                out = dora_scale_bias(pre, scale, bias, x.dtype)  # fp32 math, one pass on CUDA
+            else:
+                out = pre if bias is None else pre + bias.to(mm)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
         ctx.scaling, ctx.use_dora, ctx.bias_dtype = scaling, use_dora, None if bias is None else bias.dtype
         return out.to(x.dtype)
@@ -205,7 +216,7 @@ class _DoRALinearFn(torch.autograd.Function):
         dm = None
         if ctx.use_dora and need[6]:
             dm = ((g * pre).sum(0, dtype=acc) / norm).to(magnitude.dtype)
-        return dx, dx_lora, None, db, dA, dB, dm, None, None
+        return dx, dx_lora, None, db, dA, dB, dm, None, None, None
 
 
 # ---- the layer -------------------------------------------------------------------------------
@@ -268,6 +279,10 @@ class DoRALinear(nn.Module):
             norm = weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)  # B = 0: ||W||
             self.magnitude = nn.Parameter(norm.to(dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # One Triton GEMM for the forward product, the LoRA add and the scale (kernels/dora.py:
+        # dora_linear) with 16-bit activations; off by default until it is timed against cuBLAS
+        # + the unfused epilogue (interpreter-tested; compiled for sm_90).
+        self.fused_forward = False
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -276,7 +291,7 @@ class DoRALinear(nn.Module):
         x_lora = self.dropout(x2d) if self.training and isinstance(self.dropout, nn.Dropout) else None
         y = _DoRALinearFn.apply(
             x2d, x_lora, self.weight, self.bias, self.lora_A, self.lora_B,
-            self.magnitude, self.scaling, self.use_dora,
+            self.magnitude, self.scaling, self.use_dora, self.fused_forward,
         )  # fmt: skip
         # _unsafe_view: not a view for autograd, so FSDP2's pre-backward hook on the output holds
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
