@@ -211,10 +211,10 @@ def _int4_words_row(
     in place: ``(word & 15 << 4j) | magic`` (``magic`` = 0x4B000000, a kernel argument so that one
     three-input logic op does both) is the float ``2**23 + code * 16**j``; nibbles 4-7 the same from
     ``word >> 16``. A float subtract of ``2**23`` (exact) and an FMA with ``x[8i + j] / 16**j`` (exact)
-    finish each weight: three instructions, no int-to-float conversion. The zero point comes off
-    once per word (``zero_point * sum(x[8i : 8i + 8])``), the group's scale once per word. The
-    nibbles are never interleaved back into K order: x is read in the words' order (eight strided
-    slices, from L1)."""
+    finish each weight: three instructions, no int-to-float conversion. The zero point comes off as
+    ``zero_point * sum(x)`` and the scale multiplies once per word (a group per tile) or once per
+    group (tiles of several groups: each group's words summed first). The nibbles are never
+    interleaved back into K order: x is read in the words' order (eight strided slices, from L1)."""
     q32 = q_ptr.to(tl.pointer_type(tl.int32))
     magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
@@ -222,8 +222,8 @@ def _int4_words_row(
     acc_g = tl.zeros((BLOCK_N, BLOCK_K // max(GROUP_SIZE, 8)), dtype=tl.float32)  # tiles of several groups
     for k0 in range(0, K, BLOCK_K):
         g = 0 if GROUP_SIZE == 0 else k0 // GROUP_SIZE
-        # One word per thread along K (no vector loads): a thread then holds one word of many rows,
-        # and the x values of that word serve all of them.
+        # 1,024-code tiles put the 32 threads of a warp along K (4 words each, one 16-byte load) and
+        # the warps along N, so few threads share a row's x values
         w_idx = k0 // 8 + offs_w
         mask_w = w_idx < K // 8
         word = tl.load(

@@ -18,8 +18,6 @@ add and the epilogue are two more passes over the ``[M, N]`` output.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +25,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
+from ._weight_mm import interpreted
 from .int8_rowwise import _round_to_bf16
 
 __all__ = [
@@ -260,7 +259,7 @@ def dora_linear_reference(
 
 
 def _linear_configs() -> list[triton.Config]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper bf16 GEMM tiles; not yet timed on a GPU
     shapes = [
@@ -345,7 +344,7 @@ def _dora_linear_op(
             x, w, xa, lora_b, scale if scale is not None else x, bias if bias is not None else x, pre, y,
             m, n, k, r, *x.stride(), *w.stride(), *xa.stride(), *lora_b.stride(),
             HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-            DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+            DOT_FP32=x.dtype == torch.float32 or interpreted(),
             R_PAD=max(16, triton.next_power_of_2(r)),
         )  # fmt: skip
     return y, pre
