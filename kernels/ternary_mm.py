@@ -112,35 +112,88 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def _ternary_words_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 ``[BLOCK_N, 1]`` = one row of int8 x codes times ternary codes read as int32 words (``packed``
+    rows 4-byte aligned, ``K % 16 == 0``; ``stride_pn`` in bytes), exact.
+
+    Word ``i`` holds elements ``16i + t`` in bits ``2t .. 2t + 1`` (code ``c``, weight ``c - 1``). Code
+    ``t < 8`` is masked in place, ``(word & 3 << 2t) | magic`` being the float ``2**23 + c * 4**t``
+    (``t >= 8``: the same from ``word >> 16``); one float subtract of 2**23 and an FMA with
+    ``x[16i + t] / 4**t`` finish it, all exact (affine_mm._int4_words_row's scheme for 2 bits), and the
+    ``- 1`` comes off once per word as ``sum(x)``. x's int8 codes become floats the same way. Each
+    tile's sums (integers below 2**24) are added to an int32 accumulator."""
+    p32 = p_ptr.to(tl.pointer_type(tl.int32))
+    magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
+    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w_idx = k0 // 16 + offs_w
+        mask_w = w_idx < K // 16
+        word = tl.load(
+            p32 + offs_n[:, None] * (stride_pn // 4) + w_idx[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0
+        )
+        high = word >> 16
+        part = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.float32)
+        for t in tl.static_range(16):
+            half = word if t < 8 else high
+            f = ((half & (3 << 2 * (t % 8))) | magic).to(tl.float32, bitcast=True) - 8388608.0  # c * 4**(t % 8)
+            xb = tl.load(x_ptr + 16 * w_idx + t, mask=mask_w, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
+            xt = ((xb ^ 0x80) | magic).to(tl.float32, bitcast=True) - 8388736.0  # the int8 code, 2**23 + 128 off
+            x_sum += xt
+            part += f * (xt * (1.0 / (1 << 2 * (t % 8))))[None, :]
+        acc += (part - x_sum[None, :]).to(tl.int32)
+    return tl.sum(acc, axis=1)[:, None]
+
+
 def _gemv_configs() -> list[triton.Config]:
     if _interpreted():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "WORDS": False}, num_warps=4)]
     shapes = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (16, 256), (64, 128), (32, 256)]
     # Long K tiles: for the one-row affine GEMVs they decided the time on H200 (int8 16 x 256: 20.7 us,
     # 16 x 128: 28.0; int4 30 -> 17 us with 1,024-code tiles); offered here untimed, the autotuner
-    # keeps them only where they win.
+    # keeps them only where they win, as the words tiles (_ternary_words_row) below.
     shapes += [(16, 512), (8, 512), (8, 1024)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+    plain = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": False}, num_warps=4, num_stages=3) for n, k in shapes]
+    words = [(16, 1024), (32, 1024), (16, 2048), (8, 2048)]
+    return plain + [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3) for n, k in words
+    ]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """The ``[BLOCK_N, BLOCK_K, BLOCK_M]`` int32 product must fit in registers (<= 64 a thread at 4 warps)."""
-    fit = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
-    return fit or configs[:1]
+    """The ``[BLOCK_N, BLOCK_K, BLOCK_M]`` int32 product must fit in registers (<= 64 a thread at 4
+    warps); the words tiles (fp32 tiles of ``BLOCK_K / 16`` per row) only for one row of aligned
+    codes (``WORDS_OK``)."""
+    plain = [c for c in configs if not c.kwargs["WORDS"]]
+    fit = [c for c in plain if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
+    words = [c for c in configs if c.kwargs["WORDS"]] if kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1 else []
+    return (fit or plain[:1]) + words
 
 
 @triton.autotune(
-    configs=_gemv_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune_gemv}
+    configs=_gemv_configs(), key=["N", "K", "BLOCK_M", "WORDS_OK"], prune_configs_by={"early_config_prune": _prune_gemv}
 )
 @triton.jit
 def _ternary_gemv_kernel(
     x_ptr, sx_ptr, p_ptr, s_ptr, b_ptr, y_ptr,  # x int8 [M, K], sx fp32 [M], packed [N, KB], s fp32 [], bias [N], y [M, N]
     M, N, K, KB, stride_xm, stride_pn, stride_ym, stride_yn,
+    magic,  # 0x4B000000 (see _ternary_words_row)
     HAS_BIAS: tl.constexpr,
+    WORDS_OK: tl.constexpr,  # one row of codes in whole, aligned int32 words: the words tiles may run
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16)
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # multiple of 4
+    BLOCK_K: tl.constexpr,  # multiple of 4 (words tiles: of 16)
+    WORDS: tl.constexpr,  # this config reads the codes as int32 words (_ternary_words_row)
 ):  # fmt: skip
+    if WORDS:
+        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+        acc = _ternary_words_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, magic, BLOCK_N, BLOCK_K)
+        _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, offs_n < N, offs_m < M, stride_ym, stride_yn,
+                  HAS_BIAS)  # fmt: skip
+        return
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n, mask_m = offs_n < N, offs_m < M
@@ -342,6 +395,9 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     return y.reshape(*x.shape[:-1], n)
 
 
+_MAGIC_BITS = 0x4B000000  # the float 2**23 (see _ternary_words_row)
+
+
 @triton_op("quantframe::ternary_mm", mutates_args=())
 def _ternary_mm_op(
     x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
@@ -356,7 +412,9 @@ def _ternary_mm_op(
             m, n, k, packed.shape[1], x_codes.stride(0), packed.stride(0), y.stride(0), y.stride(1))  # fmt: skip
     if m < wmm.MMA_MIN_ROWS:  # as the other weight families (_weight_mm.launch)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        wrap_triton(_ternary_gemv_kernel)[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+        words_ok = m == 1 and k % 16 == 0 and packed.stride(0) % 4 == 0 and packed.storage_offset() % 4 == 0
+        wrap_triton(_ternary_gemv_kernel)[grid](*args, _MAGIC_BITS, HAS_BIAS=bias is not None, WORDS_OK=words_ok,
+                                                BLOCK_M=triton.next_power_of_2(m))  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         wrap_triton(_ternary_gemm_kernel)[grid](*args, HAS_BIAS=bias is not None, DOT_FP32=_interpreted())

@@ -169,3 +169,42 @@ def test_quantize_tokens_triton_takes_a_strided_row_view():
     codes, sx = ternary_mm_module._quantize_tokens_triton(x)
     ref_codes, ref_sx = ternary_mm_module._quantize_tokens(x)
     assert torch.equal(codes, ref_codes) and torch.equal(sx, ref_sx)
+
+
+# ---- one row of codes read as int32 words (_ternary_words_row) ----------------------------------
+@pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 1024)])
+@pytest.mark.parametrize("k", [256, 1024, 1040])
+def test_words_row_equals_the_byte_path(block_n, block_k, k):
+    # On a GPU the autotuner times the words tiles against the byte tiles; the interpreter's list
+    # has one byte tile, so the words path is launched here by hand. Integer sums: bit for bit.
+    import triton
+
+    torch.manual_seed(k)
+    n = 20
+    w = _weight(n, k)
+    x = torch.randn(1, k)
+    x[0, 3] = 50.0  # one large activation: codes near -128..127 elsewhere small
+    codes, sx = ternary_mm_module._quantize_tokens_triton(x)
+    ys = []
+    for words, bn, bk in ((False, 16, 32), (True, block_n, block_k)):
+        y = torch.empty(1, n)
+        ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, bn),)](
+            codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module._MAGIC_BITS,
+            HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, WORDS=words,
+        )  # fmt: skip
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(ys[1], ternary_mm_reference(x, w.packed, w.scale), atol=1e-5, rtol=1e-5)
+
+
+def test_words_tiles_are_offered_only_for_one_aligned_row():
+    import triton
+
+    cfg = lambda n, k, words: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": words}, num_warps=4)  # noqa: E731
+    configs = [cfg(16, 64, False), cfg(16, 1024, True)]
+    prune = ternary_mm_module._prune_gemv
+    kept = lambda **kw: [(c.kwargs["BLOCK_K"], c.kwargs["WORDS"]) for c in prune(configs, {}, **kw)]  # noqa: E731
+    assert kept(BLOCK_M=1, WORDS_OK=True) == [(64, False), (1024, True)]
+    assert kept(BLOCK_M=1, WORDS_OK=False) == [(64, False)]
+    assert kept(BLOCK_M=2, WORDS_OK=True) == [(64, False)]
