@@ -276,3 +276,37 @@ def test_triton_matches_reference_on_cuda(m, dtype):
     F.linear(xg, q, bias).sum().backward()
     grad_ref = torch.ones(m, n, device="cuda").double() @ q.dequantize(torch.float64)
     torch.testing.assert_close(xg.grad.double(), grad_ref, atol=2e-2, rtol=2e-2)
+
+
+# ---- one row of codes read as int32 words (_nf4_words_row) --------------------------------------
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 512)])
+def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k):
+    # On a GPU the autotuner times these tiles (K tiles of several scale blocks) against the byte
+    # tiles; the interpreter's list has one byte tile, so the words path is launched here by hand.
+    import triton
+
+    torch.manual_seed(0)
+    n, k = 20, 512
+    codes, scale = _weight(n, k, block_size)
+    scale2 = scale.reshape(n, k // block_size)
+    x = torch.randn(1, k)
+    y = torch.empty(1, n)
+    nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
+        x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
+        BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
+        WORDS=True,
+    )  # fmt: skip
+    torch.testing.assert_close(y, nf4_mm_reference(x, codes, scale, LEVELS, block_size), rtol=1e-5, atol=1e-4)
+
+
+def test_words_tiles_are_offered_only_for_one_aligned_row():
+    import triton
+
+    cfg = lambda n, k, words: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": words}, num_warps=4)  # noqa: E731
+    configs = [cfg(16, 64, False), cfg(16, 1024, True)]
+    prune = nf4_mm_module._prune_gemv
+    kept = lambda **kw: [(c.kwargs["BLOCK_K"], c.kwargs["WORDS"]) for c in prune(configs, {}, **kw)]  # noqa: E731
+    assert kept(BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True) == [(64, False), (1024, True)]
+    assert kept(BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=False) == [(64, False)]
+    assert kept(BLOCK_SIZE=64, BLOCK_M=2, WORDS_OK=True) == [(64, False)]
