@@ -41,6 +41,11 @@ GEMM_SHAPES = [
     # skinny tiles for a few rows (MMA_MIN_ROWS): weight-bandwidth bound, so long K steps and many programs
     (64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (128, 16, 64, 4, 4), (64, 16, 256, 4, 3), (32, 16, 256, 4, 4),
     (64, 16, 64, 4, 4), (64, 16, 32, 4, 4),  # groups of 64 (NF4's blocks) and 32: BLOCK_K must divide them
+    # 16 / 32 weight rows on 1 / 2 warps (mma.sync): 4-8x the programs of the tiles above, which at a
+    # few rows are too few to keep enough bytes in flight (H200: a load-only kernel read an int4
+    # 14336 x 4096 weight in 10.4 us with 16-row programs, 23 us with 64-row ones); not yet timed
+    (16, 16, 128, 1, 4), (32, 16, 128, 2, 4), (16, 16, 256, 1, 4), (32, 16, 256, 2, 4), (16, 16, 64, 1, 4),
+    (32, 16, 64, 2, 4),
 ]  # fmt: skip
 
 

@@ -232,7 +232,9 @@ def _gemm_configs() -> list[triton.Config]:
         (64, 16, 128, 4, 4),  # skinny tiles for a few rows (_weight_mm.MMA_MIN_ROWS)
         (128, 16, 128, 4, 3),
         (64, 16, 256, 4, 3),
-    ]
+        # more, smaller programs for a few rows (_weight_mm.GEMM_SHAPES); not yet timed
+        (16, 16, 128, 1, 4), (32, 16, 128, 2, 4), (16, 16, 256, 1, 4), (32, 16, 256, 2, 4),
+    ]  # fmt: skip
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st)
         for n, m, k, w, st in shapes
