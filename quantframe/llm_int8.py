@@ -11,8 +11,9 @@ the input's features (columns of ``x [M, K]``) in two:
 
 The two are summed in fp32, the bias is added once, and the result is rounded once to x's dtype.
 On CUDA the outlier part multiplies the int8 weight directly (``int8_weight_mm`` in x's 16-bit
-dtype, as bitsandbytes does in fp16), and for up to 16 rows (decode) both parts are one pass over
-W: the INT8-weight GEMV on ``where(outlier, x, x_q * sx)`` in fp32, equal to the sum of the two
+dtype, as bitsandbytes does in fp16; for 2-16 rows the affine int8 kernels' skinny GEMM), and one
+token takes both parts in one pass over W: the int8 GEMV on ``where(outlier, x, x_q * sx)`` in
+fp32 (that row built by one kernel, ``kernels/llm_int8_input.py``), equal to the sum of the two
 parts up to fp32 rounding.
 
 Outlier columns are data dependent. Gathering them (``x[:, outl]``) gives tensors of dynamic
@@ -109,7 +110,7 @@ class LLMInt8Weight(QuantTensor):
 
 
 # ---- linear --------------------------------------------------------------------------------------
-GEMV_MAX_ROWS = 16  # up to this many rows of x (decode), one weight-only GEMV reads W once on CUDA
+GEMV_MAX_ROWS = 16  # up to this many rows of x (decode) on CUDA, the outlier part on the skinny GEMM
 
 
 def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Tensor:
@@ -117,28 +118,33 @@ def llm_int8_mm(x: Tensor, qdata: Tensor, scale: Tensor, threshold: float) -> Te
     from quantframe import kernels  # lazy: `import quantframe` stays triton-free
     from quantframe.kernels import affine_mm, int8_mm, int8_rowwise, int8_weight_mm, llm_int8_input
 
-    if kernels.use_triton(x) and x.shape[0] <= GEMV_MAX_ROWS:
-        # Decode is bound by reading W: both parts in one pass over it. Column k of x is x_q * sx
-        # (the INT8 part's value, exact in fp32) or, in an outlier column, x itself (for one token
-        # one Triton kernel builds that row); the fused INT8-weight kernel sums them in fp32: the
-        # two parts' sum up to fp32 rounding.
+    on_gpu = kernels.use_triton(x)
+    if on_gpu and x.shape[0] == 1:
+        # One token, bound by reading W: both parts in one pass over it. Column k of x is x_q * sx (the
+        # INT8 part's value, exact in fp32) or, in an outlier column, x itself (one Triton kernel builds
+        # that row); the int8 weight family's GEMV (fp32 products on the CUDA cores, per-row scale, zero
+        # point 0) sums them in fp32: the two parts' sum up to fp32 rounding. (H200: 27.0 us; through
+        # the 2-D fp32 kernel, which multiplies a 16-row tile with FMAs, 259 us.)
         x_mixed = llm_int8_input.llm_int8_mixed_input(x, threshold)
-        if x.shape[0] == 1:
-            # One token: the int8 weight family's GEMV (fp32 products on the CUDA cores, per-row scale,
-            # zero point 0): fp32 x gets no tensor cores, and the 2-D kernel below would multiply a
-            # 16-row tile with FMAs, 16x the work (H200: 259 us that way, 27.0 us this way).
-            zero = torch.zeros((1, 1), dtype=torch.int32, device=x.device).expand(qdata.shape[0], 1)
-            return affine_mm.affine_mm_triton(x_mixed, qdata, scale.reshape(-1, 1), zero, 8, None)
-        return int8_weight_mm.int8_weight_mm(x_mixed, qdata, scale)
+        return affine_mm.affine_mm_triton(x_mixed, qdata, scale.reshape(-1, 1), _zero_points(qdata), 8, None)
     outl = (x.abs() > threshold).any(0)  # [K] bool
     x_q, x_scale = int8_rowwise.quantize_rowwise_int8(x.masked_fill(outl, 0))
-    on_gpu = kernels.use_triton(x)
     # W's outlier columns meet zeros of x_q: the INT8 GEMM needs no masked copy of W
     y = int8_mm.int8_scaled_mm(x_q, qdata, x_scale, scale, None, out_dtype=torch.float32)
     x_out = x.masked_fill(~outl, 0)
+    if on_gpu and x.shape[0] <= GEMV_MAX_ROWS:
+        # 2-16 rows: the outlier part on the affine int8 kernels' skinny tensor-core GEMM (W read a
+        # second time; the one-pass fp32 route through int8_weight_mm's 2-D kernel took 267 us at 16
+        # rows on H200). Not yet timed.
+        return y + affine_mm.affine_mm_triton(x_out, qdata, scale.reshape(-1, 1), _zero_points(qdata), 8, None).float()
     if on_gpu:  # the outlier part on the int8 weight in x's 16-bit dtype (bitsandbytes: fp16)
         return y + int8_weight_mm.int8_weight_mm(x_out, qdata, scale).float()
     return y + x_out.float() @ P.dequantize_rowwise_int8(qdata, scale).T
+
+
+def _zero_points(qdata: Tensor) -> Tensor:
+    """int32 zeros ``[N, 1]`` (a stride-0 view of one element): symmetric codes for the affine kernels."""
+    return torch.zeros((1, 1), dtype=torch.int32, device=qdata.device).expand(qdata.shape[0], 1)
 
 
 class _LLMInt8Linear(torch.autograd.Function):

@@ -183,10 +183,11 @@ def test_repr_and_op_table():
 
 @pytest.mark.parametrize("m", [1, 16, 17, 40])
 def test_cuda_paths_equal_the_decomposition(monkeypatch, m):
-    """The CUDA branches (one weight-only pass over W for <= 16 rows: the affine int8 GEMV kernel for
-    one row, interpreted here; the INT8 GEMM plus the outlier part on the int8 weight above), run
-    here with the kernels' CPU references otherwise: the decomposition's
-    result, up to fp32 rounding (16-bit x: the outlier part rounded to x's dtype above 16 rows)."""
+    """The CUDA branches (one row: one weight-only pass over W, the affine int8 GEMV kernel; more rows:
+    the INT8 GEMM plus the outlier part, on the affine skinny GEMM kernel up to 16 rows, both affine
+    kernels interpreted here), run here with the kernels' CPU references otherwise: the
+    decomposition's result, up to fp32 rounding (16-bit x: the outlier part rounded to x's dtype
+    from 2 rows on)."""
     import quantframe.kernels
 
     from quantframe.llm_int8 import llm_int8_mm
@@ -198,7 +199,7 @@ def test_cuda_paths_equal_the_decomposition(monkeypatch, m):
     monkeypatch.setattr(quantframe.kernels, "use_triton", lambda t: True)
     from quantframe.testing import patch_interpreter_loop_bounds
 
-    undo = patch_interpreter_loop_bounds()  # one token runs the affine GEMV kernel (interpreted here)
+    undo = patch_interpreter_loop_bounds()  # the affine kernels run interpreted here
     try:
         torch.testing.assert_close(llm_int8_mm(x, w.qdata, w.scale, 6.0), ref, rtol=1e-5, atol=1e-4)
         xb = x.bfloat16()
@@ -207,15 +208,15 @@ def test_cuda_paths_equal_the_decomposition(monkeypatch, m):
         if undo is not None:
             undo()
     monkeypatch.undo()
-    # above 16 rows the outlier part is one bf16 rounding of a partial sum: at most ~1 ulp of |y|
+    # from 2 rows on the outlier part is one bf16 rounding of a partial sum: at most ~1 ulp of |y|
     assert_close_at_scale(got, llm_int8_mm(xb, w.qdata, w.scale, 6.0), rel=2**-7, min_sqnr=45)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
 def test_cuda_decode_paths_match_the_reference_on_cuda(m):
-    # One token takes the affine int8 GEMV with fp32 x, up to 16 rows the fused INT8-weight kernel:
-    # both equal the CPU decomposition up to fp32 summation order.
+    # One token takes the affine int8 GEMV with fp32 x, 16 rows the INT8 GEMM plus the skinny GEMM on
+    # the outlier columns: both equal the CPU decomposition up to fp32 summation order.
     from quantframe.llm_int8 import llm_int8_mm
 
     w = LLMInt8Weight.from_float(torch.randn(4096, 4096), threshold=6.0)
