@@ -53,6 +53,29 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ---- one row of packed codes read as int32 words (the affine 4-bit, NF4 and ternary GEMVs) ------
+MAGIC_BITS = 0x4B000000  # the float 2**23: ``MAGIC_BITS | u`` is ``2**23 + u`` for u < 2**23 (a kernel argument)
+
+
+def word_rows(codes: Tensor, codes_per_word: int, k: int) -> bool:
+    """Whether ``codes`` (uint8 ``[N, bytes]``) rows are whole int32 words holding exactly ``k`` codes:
+    contiguous along K, rows and storage offset 4-byte aligned (storages start aligned; ``data_ptr``
+    is not available under compile), ``k`` a multiple of the codes in a word."""
+    return (
+        k % codes_per_word == 0
+        and codes.stride(1) == 1
+        and codes.stride(0) % 4 == 0
+        and codes.storage_offset() % 4 == 0
+    )
+
+
+def words_configs(configs: list, kwargs: dict) -> list:
+    """The configs with ``WORDS`` set, where the launch allows them (one row, ``WORDS_OK``), else none."""
+    if not (kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1):
+        return []
+    return [c for c in configs if c.kwargs["WORDS"]]
+
+
 # ---- autotune configs --------------------------------------------------------------------------
 def gemv_configs(shapes: Sequence[tuple[int, int]], interpreter_block_k: int) -> list[triton.Config]:
     """(BLOCK_N, BLOCK_K) ``shapes`` at 4 warps; the interpreter gets one small config

@@ -436,25 +436,11 @@ def _affine_mm_op(
     weights = (qdata, scale, zero_point)
     strides = (*qdata.stride(), *scale.stride(), *zero_point.stride())  # all 2-D
     constexprs = {"BITS": bits, "GROUP_SIZE": group_size}
-    gemv = {"magic": _MAGIC_BITS, "WORDS": x.shape[0] == 1 and _words_ok(x, qdata, bits)}
+    words = x.shape[0] == 1 and bits == 4 and wmm.word_rows(qdata, 8, x.shape[1])
     return wmm.launch(
-        _affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0], gemv, **constexprs
-    )
-
-
-_MAGIC_BITS = 0x4B000000  # the float 2**23 (see _codes_minus_zero, _int4_words_row)
-
-
-def _words_ok(x: Tensor, qdata: Tensor, bits: int) -> bool:
-    """Whether one row of x may take :func:`_int4_words_row`: 4-bit codes whose rows are whole,
-    4-byte-aligned int32 words (storages start aligned; ``data_ptr`` is not there under compile)."""
-    return (
-        bits == 4
-        and x.shape[-1] % 8 == 0
-        and qdata.stride(1) == 1
-        and qdata.stride(0) % 4 == 0
-        and qdata.storage_offset() % 4 == 0
-    )
+        _affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0],
+        {"magic": wmm.MAGIC_BITS, "WORDS": words}, **constexprs,
+    )  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):

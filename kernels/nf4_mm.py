@@ -222,10 +222,8 @@ def _prune_gemv(configs, named_args, **kwargs):
     """The byte tiles by ``wmm.prune_gemv``; the words tiles only for one row of aligned codes
     (``WORDS_OK``), spanning scale blocks."""
     plain = wmm.prune_gemv("BLOCK_SIZE")([c for c in configs if not c.kwargs["WORDS"]], named_args, **kwargs)
-    if not (kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1):
-        return plain
-    words = [c for c in configs if c.kwargs["WORDS"]]
-    return plain + wmm.prune_gemv("BLOCK_SIZE", "WORDS_OK")(words, named_args, **kwargs)
+    words = wmm.words_configs(configs, kwargs)
+    return plain + (wmm.prune_gemv("BLOCK_SIZE", "WORDS_OK")(words, named_args, **kwargs) if words else [])
 
 
 @triton.autotune(
@@ -351,10 +349,7 @@ def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_si
     """2-D ``x [M, K]``, fp32 ``scale [N, K // block_size]`` and ``levels [16]``; checked by :func:`nf4_mm_triton`."""
     strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
-    words_ok = (
-        x.shape[0] == 1 and x.shape[1] % 8 == 0 and codes.stride(1) == 1 and codes.stride(0) % 4 == 0
-        and codes.storage_offset() % 4 == 0
-    )  # fmt: skip
+    words_ok = x.shape[0] == 1 and wmm.word_rows(codes, 8, x.shape[1])
     return wmm.launch(
         _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, {"WORDS_OK": words_ok},
         BLOCK_SIZE=block_size,

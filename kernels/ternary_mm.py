@@ -168,8 +168,7 @@ def _prune_gemv(configs, named_args, **kwargs):
     codes (``WORDS_OK``)."""
     plain = [c for c in configs if not c.kwargs["WORDS"]]
     fit = [c for c in plain if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
-    words = [c for c in configs if c.kwargs["WORDS"]] if kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1 else []
-    return (fit or plain[:1]) + words
+    return (fit or plain[:1]) + wmm.words_configs(configs, kwargs)
 
 
 @triton.autotune(
@@ -397,9 +396,6 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     return y.reshape(*x.shape[:-1], n)
 
 
-_MAGIC_BITS = 0x4B000000  # the float 2**23 (see _ternary_words_row)
-
-
 @triton_op("quantframe::ternary_mm", mutates_args=())
 def _ternary_mm_op(
     x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
@@ -414,8 +410,8 @@ def _ternary_mm_op(
             m, n, k, packed.shape[1], x_codes.stride(0), packed.stride(0), y.stride(0), y.stride(1))  # fmt: skip
     if m < wmm.MMA_MIN_ROWS:  # as the other weight families (_weight_mm.launch)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        words_ok = m == 1 and k % 16 == 0 and packed.stride(0) % 4 == 0 and packed.storage_offset() % 4 == 0
-        wrap_triton(_ternary_gemv_kernel)[grid](*args, _MAGIC_BITS, HAS_BIAS=bias is not None, WORDS_OK=words_ok,
+        words_ok = m == 1 and wmm.word_rows(packed, 16, k)
+        wrap_triton(_ternary_gemv_kernel)[grid](*args, wmm.MAGIC_BITS, HAS_BIAS=bias is not None, WORDS_OK=words_ok,
                                                 BLOCK_M=triton.next_power_of_2(m))  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))

@@ -334,7 +334,7 @@ def test_int4_words_row_matches_reference_across_groups(group, block_n, block_k)
     x = torch.randn(1, k)
     y = torch.empty(1, n)
     args = (x, qdata, scale, zero_point, scale, y, 1, n, k, *x.stride(), *qdata.stride(), *scale.stride(),
-            *zero_point.stride(), *y.stride(), affine_mm_module._MAGIC_BITS)  # fmt: skip
+            *zero_point.stride(), *y.stride(), affine_mm_module.wmm.MAGIC_BITS)  # fmt: skip
     affine_mm_module._affine_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
         *args, BITS=4, GROUP_SIZE=group or 0, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
         WORDS=True,

@@ -190,7 +190,7 @@ def test_words_row_equals_the_byte_path(block_n, block_k, k):
         y = torch.empty(1, n)
         ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, bn),)](
             codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
-            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module._MAGIC_BITS,
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
             HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, WORDS=words,
         )  # fmt: skip
         ys.append(y)
