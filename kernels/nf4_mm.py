@@ -214,8 +214,9 @@ def _gemv_configs() -> list[triton.Config]:
         c.kwargs["WORDS"] = False
     if wmm.interpreted():
         return plain
-    words = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3) for n, k in _WORDS_SHAPES]
-    return plain + words
+    return plain + [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3) for n, k in _WORDS_SHAPES
+    ]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
