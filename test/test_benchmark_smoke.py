@@ -24,3 +24,32 @@ def test_cpu_smoke_passes_every_row(script):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("cpu smoke: every") and "passed its check" in last, last
+
+
+def _plot_latency():
+    """benchmarks/plot_latency.py as a module (the benchmarks folder is not a package)."""
+    sys.path.insert(0, str(_BENCHMARKS))
+    try:
+        import plot_latency
+    finally:
+        sys.path.remove(str(_BENCHMARKS))
+    return plot_latency
+
+
+def test_plot_latency_draws_the_committed_decode_result(tmp_path):
+    plot_latency = _plot_latency()
+    meta, rows = plot_latency.load(_BENCHMARKS / "results" / "linear_latency_NVIDIA_H200_decode.json")
+    # the int8 floor: 14336 * 4096 bytes at the run's copy bandwidth
+    assert plot_latency.floor_us(meta, "int8", [14336, 4096]) == pytest.approx(14336 * 4096 / (meta["copy_gbps"] * 1e3))
+    assert plot_latency.floor_us(meta, "no such format", [14336, 4096]) is None
+    out = tmp_path / "decode.png"
+    plot_latency.plot(meta, rows, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_latency_rejects_a_result_without_graph_times(tmp_path):
+    plot_latency = _plot_latency()
+    path = tmp_path / "eager_only.json"
+    path.write_text('{"meta": {}, "rows": [{"run": "bf16 F.linear", "m": 4096, "eager_us": 700.0}]}')
+    with pytest.raises(ValueError, match="no rows with a CUDA-graph time"):
+        plot_latency.load(path)
