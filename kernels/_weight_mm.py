@@ -69,6 +69,15 @@ def word_rows(codes: Tensor, codes_per_word: int, k: int) -> bool:
     )
 
 
+@triton.jit
+def load_words(p_ptr, offs_n, mask_n, w_idx, n_words, stride_bytes):
+    """int32 words ``[BLOCK_N, len(w_idx)]`` of the packed rows ``p_ptr + n * stride_bytes`` (rows
+    4-byte aligned: :func:`word_rows`); 0 for rows past ``mask_n`` and words past ``n_words``."""
+    p32 = p_ptr.to(tl.pointer_type(tl.int32))
+    mask = mask_n[:, None] & (w_idx < n_words)[None, :]
+    return tl.load(p32 + offs_n[:, None] * (stride_bytes // 4) + w_idx[None, :], mask=mask, other=0)
+
+
 def words_configs(configs: list, kwargs: dict) -> list:
     """The configs with ``WORDS`` set, where the launch allows them (one row, ``WORDS_OK``), else none."""
     if not (kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1):

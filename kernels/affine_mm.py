@@ -28,7 +28,7 @@ from torch.library import triton_op
 from quantframe import primitives as P
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
 __all__ = [
@@ -215,7 +215,6 @@ def _int4_words_row(
     ``zero_point * sum(x)`` and the scale multiplies once per word (a group per tile) or once per
     group (tiles of several groups: each group's words summed first). The nibbles are never
     interleaved back into K order: x is read in the words' order (eight strided slices, from L1)."""
-    q32 = q_ptr.to(tl.pointer_type(tl.int32))
     magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
@@ -226,9 +225,7 @@ def _int4_words_row(
         # the warps along N, so few threads share a row's x values
         w_idx = k0 // 8 + offs_w
         mask_w = w_idx < K // 8
-        word = tl.load(
-            q32 + offs_n[:, None] * (stride_qn // 4) + w_idx[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0
-        )
+        word = load_words(q_ptr, offs_n, mask_n, w_idx, K // 8, stride_qn)
         high = word >> 16  # nibbles 4-7 in bits 0-15 (the sign bits above are masked off)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
-from .int8_rowwise import quantize_rowwise_int8_reference
+# round_half_even: a bare name (inductor resolves a user kernel's jit helpers by name)
+from .int8_rowwise import quantize_rowwise_int8_reference, round_half_even
 
 __all__ = [
     "int8_scaled_mm",
@@ -302,7 +303,7 @@ def _colwise_quantize_kernel(
         tl.store(s_ptr + cols, scale, mask=mask_c)
     t = tl.load(t_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
     v = tl.math.div_rn(t.to(tl.float32), scale[None, :])
-    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |v| < 2**22 half to even, like torch.round
+    v = round_half_even(v)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     tl.store(q_ptr + cols[None, :] * R + rows[:, None], v.to(tl.int8), mask=mask)  # q is [C, R]
 

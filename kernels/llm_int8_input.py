@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
-from .int8_rowwise import quantize_rowwise_int8, quantize_rowwise_int8_reference
+from .int8_rowwise import quantize_rowwise_int8, quantize_rowwise_int8_reference, round_half_even
 
 __all__ = ["llm_int8_mixed_input", "llm_int8_mixed_input_reference", "llm_int8_mixed_input_triton"]
 
@@ -85,7 +85,7 @@ def _mixed_input_kernel(
         x = x.to(tl.float32)
         outl = tl.max(tl.abs(x), axis=0) > threshold
         v = tl.math.div_rn(x, scale[:, None] + tl.zeros_like(x))
-        v = (v + 12582912.0) - 12582912.0  # round half to even (int8_rowwise's kernel: |v| < 2**22)
+        v = round_half_even(v)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         tl.store(y_ptr + offs_m[:, None] * K + cols[None, :], tl.where(outl[None, :], x, v * scale[:, None]), mask=mask)
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store  # a bare name: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
 __all__ = [
@@ -172,16 +172,13 @@ def _nf4_words_row(
     high nibble of a byte is the even element). The nibbles are never interleaved back into K order:
     x is read in the words' order instead; each block's words are summed, then scaled (as
     ``affine_mm._int4_words_row``, whose long K tiles took the 4-bit GEMV from 30 to 17 us on H200)."""
-    c32 = c_ptr.to(tl.pointer_type(tl.int32))
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
     acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
     for k0 in range(0, K, BLOCK_K):
         w_idx = k0 // 8 + offs_w
         mask_w = w_idx < K // 8
-        word = tl.load(
-            c32 + offs_n[:, None] * (stride_cn // 4) + w_idx[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0
-        )
+        word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for p in tl.static_range(8):
             level = tl.load(lv_ptr + ((word >> 4 * p) & 15))  # gather from the 16-entry table (L1)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
-from .int8_rowwise import _round_to_bf16
+from .int8_rowwise import _round_to_bf16, round_half_even
 
 __all__ = ["rmsnorm_quant", "rmsnorm_quant_reference", "rmsnorm_quant_triton"]
 
@@ -125,8 +125,7 @@ def _rmsnorm_quant_fwd_kernel(
     n = h * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(n), axis=0), 1e-5), 127.0)
-    # Round half to even: adding 1.5 * 2**23 makes the fp32 add round (|v| <= 127 here).
-    v = (tl.math.div_rn(n, scale) + 12582912.0) - 12582912.0
+    v = round_half_even(tl.math.div_rn(n, scale))  # |v| <= 127
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
     tl.store(y_ptr + row * stride_ym + cols, _as_stored(v * scale, y_ptr), mask=mask)
 

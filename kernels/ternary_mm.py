@@ -31,7 +31,9 @@ from quantframe import primitives as P
 
 from . import use_triton
 from . import _weight_mm as wmm
-from ._weight_mm import DENSE_MIN_ROWS, rows  # the dispatch by rows of the weight families
+# load_words, round_half_even: bare names (inductor resolves a user kernel's jit helpers by name)
+from ._weight_mm import DENSE_MIN_ROWS, load_words, rows
+from .int8_rowwise import round_half_even
 
 __all__ = ["ternary_mm", "ternary_mm_dense", "ternary_mm_reference", "ternary_mm_triton", "ternary_unpack_triton"]
 
@@ -123,16 +125,13 @@ def _ternary_words_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, magic, BLOCK_
     ``x[16i + t] / 4**t`` finish it, all exact (affine_mm._int4_words_row's scheme for 2 bits), and the
     ``- 1`` comes off once per word as ``sum(x)``. x's int8 codes become floats the same way. Each
     tile's sums (integers below 2**24) are added to an int32 accumulator."""
-    p32 = p_ptr.to(tl.pointer_type(tl.int32))
     magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
     offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w_idx = k0 // 16 + offs_w
         mask_w = w_idx < K // 16
-        word = tl.load(
-            p32 + offs_n[:, None] * (stride_pn // 4) + w_idx[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0
-        )
+        word = load_words(p_ptr, offs_n, mask_n, w_idx, K // 16, stride_pn)
         high = word >> 16
         part = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.float32)
@@ -293,7 +292,7 @@ def _quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
         v = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        c = (tl.math.div_rn(v, sx) + 12582912.0) - 12582912.0  # + 1.5 * 2**23: rounds half to even
+        c = round_half_even(tl.math.div_rn(v, sx))
         tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(c, -128.0), 127.0).to(tl.int8), mask=cols < K)
 
 
