@@ -156,7 +156,9 @@ class _LLMInt8Linear(torch.autograd.Function):
         y = llm_int8_mm(x2d, qdata, scale, threshold)
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+        # _unsafe_view, not reshape: an output that views an intermediate loses its gradient in a
+        # compiled autograd.Function on torch 2.11 (see quantframe/nn/dora.py, _DoRALinearFn)
+        return torch.ops.aten._unsafe_view(y.to(x.dtype), (*x.shape[:-1], qdata.shape[0]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -188,7 +188,10 @@ class _DoRALinearFn(torch.autograd.Function):
                 out = pre if bias is None else pre + bias.to(mm)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
         ctx.scaling, ctx.use_dora, ctx.bias_dtype = scaling, use_dora, None if bias is None else bias.dtype
-        return out.to(x.dtype)
+        # `out` is already in x's dtype: no `.to` here. On torch 2.11 a no-op `.to` returned from a
+        # compiled autograd.Function (an alias of an intermediate) made AOTAutograd zero its tangent:
+        # every gradient came back 0 (test_gpu.py: test_compiled_gradients_match_eager_on_cuda)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
