@@ -35,6 +35,12 @@ __all__ = [
     "dora_column_norm",
     "dora_column_norm_reference",
     "dora_column_norm_triton",
+    "dora_lora_scale",
+    "dora_lora_scale_reference",
+    "dora_lora_scale_triton",
+    "dora_row_scale",
+    "dora_row_scale_reference",
+    "dora_row_scale_triton",
     "dora_scale_bias",
     "dora_scale_bias_reference",
     "dora_scale_bias_triton",
@@ -79,6 +85,16 @@ def dora_column_norm_reference(
         return norm, magnitude.detach().to(acc) / norm
 
 
+def _norm_configs() -> list[triton.Config]:
+    if interpreted():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    # (BLOCK_N, BLOCK_K, warps): one fixed 32 x 64 tile ran at ~60 us for a 4096 x 4096 bf16 weight on the
+    # H200 (128 programs; the read alone is ~8 us): more, longer-K programs are offered
+    shapes = [(32, 64, 4), (16, 128, 4), (16, 256, 4), (8, 256, 4), (32, 128, 8), (64, 64, 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3) for n, k, w in shapes]
+
+
+@triton.autotune(configs=_norm_configs(), key=["N", "K", "BLOCK_R"])
 @triton.jit
 def _dora_column_norm_kernel(
     w_ptr,  # [N, K] float, contiguous
@@ -128,10 +144,9 @@ def _dora_column_norm_op(w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: T
     scale = torch.empty((n,), dtype=torch.float32, device=w.device)
     if n == 0:
         return norm, scale
-    block_n, block_k = 32, min(64, max(16, triton.next_power_of_2(k)))
-    wrap_triton(_dora_column_norm_kernel)[(triton.cdiv(n, block_n),)](
+    wrap_triton(_dora_column_norm_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         w, lora_A, lora_B, magnitude, norm, scale, n, k, r, scaling,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs >= 16
+        BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs >= 16
     )  # fmt: skip
     return norm, scale
 
@@ -171,28 +186,39 @@ def dora_scale_bias_reference(pre: Tensor, scale: Tensor, bias: Tensor | None, o
 
 @triton.jit
 def _dora_scale_bias_kernel(
-    pre_ptr, s_ptr, b_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    pre_ptr, s_ptr, b_ptr, y_ptr, M, N,
+    HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
     col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * N + cols[None, :]
-    out = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr + cols, mask=col_ok)[None, :]
+    out = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALE_ROWS:  # dora_row_scale: a weight [M, N] times scale [M]
+        out = out * tl.load(s_ptr + rows, mask=row_ok)[:, None]
+    else:
+        out = out * tl.load(s_ptr + cols, mask=col_ok)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("quantframe::dora_scale_bias", mutates_args=())
-def _dora_scale_bias_op(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """Contiguous ``pre [M, N]``, fp32 ``scale [N]``; checked by :func:`dora_scale_bias_triton`."""
+def _dora_scale_bias_op(
+    pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype, scale_rows: bool = False
+) -> Tensor:
+    """Contiguous ``pre [M, N]``, fp32 ``scale`` ``[N]`` (``[M]`` with ``scale_rows``); checked by
+    :func:`dora_scale_bias_triton` / :func:`dora_row_scale_triton`."""
     m, n = pre.shape
     y = torch.empty((m, n), dtype=out_dtype, device=pre.device)
     if y.numel():
         grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
-        wrap_triton(_dora_scale_bias_kernel)[grid](pre, scale, bias if bias is not None else scale, y, m, n,
-                                                   HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=256)  # fmt: skip
+        wrap_triton(_dora_scale_bias_kernel)[grid](
+            pre, scale, bias if bias is not None else scale, y, m, n,
+            HAS_BIAS=bias is not None, SCALE_ROWS=scale_rows, BLOCK_M=16, BLOCK_N=256,
+        )  # fmt: skip
     return y
 
 
@@ -211,6 +237,122 @@ def dora_scale_bias(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: 
     if use_triton(pre) and pre.dtype != torch.float64:
         return dora_scale_bias_triton(pre, scale, bias, out_dtype)
     return dora_scale_bias_reference(pre, scale, bias, out_dtype)
+
+
+def dora_row_scale_reference(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``w [N, K] * scale [N, 1]`` in fp32 (fp64 for fp64 ``w``), one rounding to ``out_dtype``: the
+    backward's ``c W`` (``dx = g @ (c W)`` scales the ``[N, K]`` weight, not the ``[M, N]`` gradient)."""
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    return (w.to(acc) * scale.to(acc)[:, None]).to(out_dtype)
+
+
+def dora_row_scale_triton(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Triton version of :func:`dora_row_scale_reference` for fp32/fp16/bf16 ``w`` (one pass)."""
+    if w.dim() != 2 or scale.shape != (w.shape[0],):
+        got = tuple(w.shape), tuple(scale.shape)
+        raise ValueError(f"dora_row_scale: expected w [N, K], scale [N], got shapes {got[0]}, {got[1]}")
+    if w.dtype not in _FLOAT_DTYPES[:3]:
+        raise TypeError(f"dora_row_scale_triton: w.dtype={w.dtype}, expected float32, float16 or bfloat16")
+    return torch.ops.quantframe.dora_scale_bias(w.contiguous(), scale.float().contiguous(), None, out_dtype, True)
+
+
+def dora_row_scale(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``w * scale[:, None]`` -> ``out_dtype``: one Triton pass on CUDA (not fp64), else the reference."""
+    if use_triton(w) and w.dtype != torch.float64:
+        return dora_row_scale_triton(w, scale, out_dtype)
+    return dora_row_scale_reference(w, scale, out_dtype)
+
+
+# ---- the unfused forward's epilogue: the LoRA add and the scale after a cuBLAS GEMM ------------
+def dora_lora_scale_reference(
+    base: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``y = (base + xa @ lora_b.T) * scale (+ bias)`` in fp32 (fp64 for fp64 ``base``), one rounding.
+
+    ``base [M, N]`` (``x @ W.T`` from the GEMM), ``xa [M, r]``, ``lora_b [N, r]`` (``s B``), ``scale`` and
+    ``bias`` ``[N]``. The rank-r product is formed per output tile and never stored: the unfused
+    forward writes and re-reads ``[M, N]`` twice less than ``addmm`` + a scale pass.
+    """
+    n, r = lora_b.shape
+    if base.dim() != 2 or xa.shape != (base.shape[0], r) or base.shape[1] != n or scale.shape != (n,):
+        got = [tuple(t.shape) for t in (base, xa, lora_b, scale)]
+        raise ValueError(
+            f"dora_lora_scale: expected base [M, N], xa [M, r], lora_b [N, r], scale [N], got shapes {got}"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"dora_lora_scale: bias.shape={tuple(bias.shape)}, expected ({n},)")
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    y = (base.to(acc) + xa.to(acc) @ lora_b.to(acc).T) * scale.to(acc)
+    return (y if bias is None else y + bias.to(acc)).to(out_dtype)
+
+
+@triton.jit
+def _dora_lora_scale_kernel(
+    base_ptr, xa_ptr, lb_ptr, s_ptr, b_ptr, y_ptr, M, N, R,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < R
+    xa = tl.load(xa_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    lb = tl.load(lb_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+    if DOT_FP32:  # fp32 inputs exactly (and the interpreter, whose 16-bit dot is not fp32-accumulated)
+        lora = tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), input_precision="ieee")
+    else:  # 16-bit operands, fp32 accumulation
+        lora = tl.dot(xa, tl.trans(lb))
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (base + lora) * tl.load(s_ptr + cols, mask=col_ok)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("quantframe::dora_lora_scale", mutates_args=())
+def _dora_lora_scale_op(
+    base: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """Contiguous arguments, checked by :func:`dora_lora_scale_triton`; fp32 ``scale``."""
+    (m, n), r = base.shape, lora_b.shape[1]
+    y = torch.empty((m, n), dtype=out_dtype, device=base.device)
+    if y.numel():
+        wrap_triton(_dora_lora_scale_kernel)[(triton.cdiv(m, 64), triton.cdiv(n, 128))](
+            base, xa, lora_b, scale, bias if bias is not None else scale, y, m, n, r,
+            HAS_BIAS=bias is not None, DOT_FP32=base.dtype == torch.float32 or interpreted(),
+            R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=64, BLOCK_N=128,
+        )  # fmt: skip
+    return y
+
+
+def dora_lora_scale_triton(
+    base: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """Triton version of :func:`dora_lora_scale_reference`: one pass over ``base``; r <= 64."""
+    n, r = lora_b.shape
+    if base.dim() != 2 or xa.shape != (base.shape[0], r) or base.shape[1] != n or scale.shape != (n,):
+        return dora_lora_scale_reference(base, xa, lora_b, scale, bias, out_dtype)  # raises the ValueError
+    if not 1 <= r <= _MAX_RANK:
+        raise ValueError(f"dora_lora_scale_triton: rank {r} (lora_b.shape[1]) must be in [1, {_MAX_RANK}]")
+    if base.dtype not in _FLOAT_DTYPES[:3] or xa.dtype != base.dtype or lora_b.dtype != base.dtype:
+        raise TypeError(
+            f"dora_lora_scale_triton: base, xa, lora_b are {base.dtype}, {xa.dtype}, {lora_b.dtype}; "
+            "expected one of float32, float16, bfloat16 for all three"
+        )
+    return torch.ops.quantframe.dora_lora_scale(
+        base.contiguous(), xa.contiguous(), lora_b.contiguous(), scale.float().contiguous(), bias, out_dtype
+    )
+
+
+def dora_lora_scale(
+    base: Tensor, xa: Tensor, lora_b: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``(base + xa @ lora_b.T) * scale + bias``: one Triton pass on CUDA (16-bit / fp32, r <= 64), else
+    the reference."""
+    if use_triton(base) and base.dtype != torch.float64 and lora_b.shape[1] <= _MAX_RANK:
+        return dora_lora_scale_triton(base, xa, lora_b, scale, bias, out_dtype)
+    return dora_lora_scale_reference(base, xa, lora_b, scale, bias, out_dtype)
 
 
 # ---- the forward GEMM with the LoRA add and the scale in its epilogue --------------------------

@@ -149,11 +149,15 @@ class _DoRALinearFn(torch.autograd.Function):
 
     With s = alpha / r, xa = x_lora @ A.T, pre = x W.T + s xa B.T and c = m / ||.|| (DoRA; LoRA: c = 1):
     y = pre * c + b. The matmuls run in ``mm`` (the activation dtype when it is 16-bit, else fp32 /
-    fp64), one fused product each: the LoRA add is the ``addmm`` of the base output, and in backward
-    c is folded into the ``[N, K]`` weight and the ``[N, r]`` B instead of the ``[M, N]`` gradient:
+    fp64), one fused product each: the rank-r product is the ``addmm``'s addend, which the base GEMM adds
+    in its epilogue, and in backward c is folded into the ``[N, K]`` weight (one pass,
+    ``dora_row_scale``) and the ``[N, r]`` B instead of the ``[M, N]`` gradient:
         dx = g @ (c W) + (g @ (s c B)) @ A        dA = (g @ (s c B)).T @ x_lora
         dB = s c (g.T @ xa)                       dm = sum_M(g * pre) / ||.||       db = sum_M(g)
-    DoRA keeps ``pre`` (``[M, N]`` in ``mm``) for dm instead of recomputing the base matmul.
+    DoRA keeps ``pre`` (``[M, N]`` in ``mm``) for dm instead of recomputing the base matmul. Unfused,
+    DoRA's forward is the base GEMM alone and one pass ``dora_lora_scale`` that adds the rank-r term
+    per tile and scales (no ``[M, N]`` rank-r product, no ``addmm`` copy); its saved ``pre`` then
+    lacks the rank-r term, whose share of dm is ``rowsum((g.T @ xa) * s B)`` (dB's product).
     """
 
     @staticmethod
@@ -173,19 +177,23 @@ class _DoRALinearFn(torch.autograd.Function):
 
             # [N] each, fp32; fused on CUDA (B @ A never written); the norm is a constant for autograd
             norm, scale = dora_column_norm(w_norm, lora_A.to(acc), lora_B.to(acc), magnitude, scaling)
+        ctx.pre_has_lora = True  # whether the saved pre holds the rank-r term (else dm adds its share)
         if fused and mm in (torch.bfloat16, torch.float16):
             from quantframe.kernels.dora import dora_linear
 
             # one GEMM: x W.T, the LoRA add and the scale / bias epilogue; pre stored once for dm
             out, pre = dora_linear(x.to(mm), w, xa, lora_b, scale, bias, x.dtype)
-        else:
-            pre = (x.to(mm) @ w.T).addmm_(xa, lora_b.T)  # [M, N]
-            if use_dora:
-                from quantframe.kernels.dora import dora_scale_bias
+        elif use_dora:
+            from quantframe.kernels.dora import dora_lora_scale
 
-                out = dora_scale_bias(pre, scale, bias, x.dtype)  # fp32 math, one pass on CUDA
-            else:
-                out = pre if bias is None else pre + bias.to(mm)
+            # the base GEMM alone (cuBLAS), then one pass: + xa (sB).T formed per tile, * scale, + bias
+            pre = x.to(mm) @ w.T  # [M, N], saved for dm
+            out = dora_lora_scale(pre, xa, lora_b, scale, bias, x.dtype)
+            ctx.pre_has_lora = False
+        else:
+            # LoRA: the rank-r product first; the base GEMM adds it in its epilogue (cuBLAS beta = 1)
+            pre = torch.addmm(xa @ lora_b.T, x.to(mm), w.T)
+            out = pre if bias is None else pre + bias.to(mm)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
         ctx.scaling, ctx.use_dora, ctx.bias_dtype = scaling, use_dora, None if bias is None else bias.dtype
         # `out` is already in x's dtype: no `.to` here. On torch 2.11 a no-op `.to` returned from a
@@ -203,22 +211,30 @@ class _DoRALinearFn(torch.autograd.Function):
         sc = s if c is None else s * c[:, None]  # the scale of B's rows
         gxa = g @ (sc * lora_B.to(acc)).to(mm)  # [M, r] = (g * c) @ (s B)
         dx = dx_lora = None
+        a = lora_A.to(mm)
         if need[0]:
-            w = _base_weights(weight, acc, mm)[1]
-            dx = g @ (w if c is None else (w.to(acc) * c[:, None]).to(mm))  # (g * c) @ W
-        if need[0 if ctx.shared_input else 1]:
-            a = lora_A.to(mm)
-            if ctx.shared_input:
-                dx = dx.addmm_(gxa, a)
-            else:
-                dx_lora = (gxa @ a).to(x_lora.dtype)
-        dx = None if dx is None else dx.to(x.dtype)
+            if c is None:
+                w = _base_weights(weight, acc, mm)[1]
+            else:  # c W in one pass ([N, K]; a quantized base dequantized once, in acc)
+                from quantframe.kernels.dora import dora_row_scale
+
+                w = dora_row_scale(_dense(weight, acc) if isinstance(weight, QuantTensor) else weight, c, mm)
+            # (g * c) @ W, with the LoRA path's share added in the GEMM's epilogue when x feeds both
+            dx = torch.addmm(gxa @ a, g, w) if ctx.shared_input else g @ w
+            dx = dx.to(x.dtype)
+        if not ctx.shared_input and need[1]:
+            dx_lora = (gxa @ a).to(x_lora.dtype)
         db = grad_out.to(acc).sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[3] else None
         dA = (gxa.T @ x_lora.to(mm)).to(lora_A.dtype) if need[4] else None
-        dB = ((g.T @ xa).to(acc) * sc).to(lora_B.dtype) if need[5] else None
+        lora_dm = ctx.use_dora and need[6] and not ctx.pre_has_lora
+        gtxa = (g.T @ xa).to(acc) if need[5] or lora_dm else None  # [N, r]
+        dB = (gtxa * sc).to(lora_B.dtype) if need[5] else None
         dm = None
         if ctx.use_dora and need[6]:
-            dm = ((g * pre).sum(0, dtype=acc) / norm).to(magnitude.dtype)
+            gp = (g * pre).sum(0, dtype=acc)  # sum_M g * pre, [N]
+            if lora_dm:  # pre without the rank-r term: sum_M g * (xa (sB).T) = rowsum(g.T xa * sB)
+                gp = gp + (gtxa * (s * lora_B.to(acc))).sum(1)
+            dm = (gp / norm).to(magnitude.dtype)
         return dx, dx_lora, None, db, dA, dB, dm, None, None, None
 
 

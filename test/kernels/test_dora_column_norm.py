@@ -9,6 +9,12 @@ from quantframe.kernels.dora import (
     dora_column_norm,
     dora_column_norm_reference,
     dora_column_norm_triton,
+    dora_lora_scale,
+    dora_lora_scale_reference,
+    dora_lora_scale_triton,
+    dora_row_scale,
+    dora_row_scale_reference,
+    dora_row_scale_triton,
     dora_scale_bias,
     dora_scale_bias_reference,
     dora_scale_bias_triton,
@@ -107,3 +113,58 @@ def test_scale_bias_reference_keeps_fp64_and_rejects_bad_shapes():
         dora_scale_bias_triton(torch.randn(3, 4), torch.ones(5), None, torch.float32)
     with pytest.raises(TypeError, match="pre.dtype=torch.float64"):
         dora_scale_bias_triton(pre, torch.ones(4), None, torch.float64)
+
+
+# ---- the backward's row-scaled weight: c W ----------------------------------------------------
+@pytest.mark.parametrize("w_dtype, out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_row_scale_triton_matches_reference(w_dtype, out_dtype):
+    w, scale = (torch.randn(37, 300) * 5).to(w_dtype), torch.rand(37) + 0.5  # off the 16 x 256 tile
+    y, ref = dora_row_scale_triton(w, scale, out_dtype), dora_row_scale_reference(w, scale, out_dtype)
+    assert y.dtype == out_dtype and y.shape == (37, 300)
+    torch.testing.assert_close(ref.double(), w.double() * scale.double()[:, None], atol=0, rtol=2**-7)
+    if out_dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)
+        torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(y, ref)  # the same fp32 multiply, one rounding
+    assert torch.equal(dora_row_scale(w, scale, out_dtype), ref)  # CPU: the reference
+
+
+def test_row_scale_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"dora_row_scale: expected w \[N, K\], scale \[N\], got shapes \(3, 4\), \(4,\)"):  # noqa: E501
+        dora_row_scale_triton(torch.randn(3, 4), torch.ones(4), torch.float32)
+    with pytest.raises(TypeError, match="dora_row_scale_triton: w.dtype=torch.float64"):
+        dora_row_scale_triton(torch.randn(3, 4, dtype=torch.float64), torch.ones(3), torch.float64)
+    y = dora_row_scale(torch.ones(2, 3, dtype=torch.float64), torch.tensor([2.0, 3.0]), torch.float64)
+    assert y.dtype == torch.float64 and torch.equal(y[:, 0], torch.tensor([2.0, 3.0], dtype=torch.float64))
+
+
+# ---- the unfused forward's epilogue: y = (base + xa @ (sB).T) * scale + bias ---------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m, n, r", [(1, 1, 1), (70, 130, 3), (65, 257, 16), (5, 40, 64)])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_lora_scale_triton_matches_reference(dtype, m, n, r, has_bias):
+    base, xa, lb = torch.randn(m, n).to(dtype), torch.randn(m, r).to(dtype), torch.randn(n, r).to(dtype)
+    scale, bias = torch.rand(n) + 0.5, (torch.randn(n).to(dtype) if has_bias else None)
+    y = dora_lora_scale_triton(base, xa, lb, scale, bias, dtype)
+    ref = dora_lora_scale_reference(base, xa, lb, scale, bias, dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    exact = (base.double() + xa.double() @ lb.double().T) * scale.double() + (0 if bias is None else bias.double())
+    torch.testing.assert_close(ref.double(), exact, atol=1e-5, rtol=2**-7)
+    # fp32 sums in another order; the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)
+    torch.testing.assert_close(y.float(), ref.float(), atol=1e-5, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(dora_lora_scale(base, xa, lb, scale, bias, dtype), ref)  # CPU: the reference
+
+
+def test_lora_scale_rejects_bad_input():
+    base, xa, lb, scale = torch.randn(4, 6), torch.randn(4, 2), torch.randn(6, 2), torch.ones(6)
+    with pytest.raises(ValueError, match=r"dora_lora_scale: expected base \[M, N\], xa \[M, r\]"):
+        dora_lora_scale_triton(base, xa, torch.randn(5, 2), scale, None, torch.float32)
+    with pytest.raises(ValueError, match=r"dora_lora_scale: bias.shape=\(5,\), expected \(6,\)"):
+        dora_lora_scale_reference(base, xa, lb, scale, torch.ones(5), torch.float32)
+    with pytest.raises(ValueError, match=r"dora_lora_scale_triton: rank 65 \(lora_b.shape\[1\]\) must be in \[1, 64\]"):  # noqa: E501
+        dora_lora_scale_triton(base, torch.randn(4, 65), torch.randn(6, 65), scale, None, torch.float32)
+    with pytest.raises(TypeError, match=r"dora_lora_scale_triton: base, xa, lora_b are torch.float32, torch.bfloat16"):
+        dora_lora_scale_triton(base, xa.bfloat16(), lb, scale, None, torch.float32)
+    y = dora_lora_scale(base.double(), xa.double(), lb.double(), scale, None, torch.float64)  # fp64: the reference
+    assert y.dtype == torch.float64
