@@ -78,8 +78,8 @@ def test_bf16_activations_match_the_fp32_reference_at_bf16_precision(base):
 
 def test_bf16_activations_run_the_two_large_matmuls_in_bf16():
     """x W.T (forward) and dy (cW) (backward) are the only [M, N, K] matmuls, both bf16 (tensor cores
-    on a GPU): the LoRA add rides on the base output (addmm) and dm reads the saved pre-scale output
-    instead of recomputing x W.T."""
+    on a GPU): the LoRA terms ride on the epilogues (dora_lora_scale, addmm_inplace) and dm reads the
+    saved base output instead of recomputing x W.T."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RecordMatmuls(TorchDispatchMode):
@@ -88,7 +88,9 @@ def test_bf16_activations_run_the_two_large_matmuls_in_bf16():
             self.seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+                       torch.ops.quantframe.addmm_inplace.default)  # fmt: skip
+            if func in matmuls:
                 a, b = args[-2], args[-1]
                 self.seen.append((a.dtype, 8 not in (*a.shape, b.shape[1])))  # large: no dim is the rank 8
             return func(*args, **(kwargs or {}))

@@ -151,7 +151,8 @@ class _DoRALinearFn(torch.autograd.Function):
     y = pre * c + b. The matmuls run in ``mm`` (the activation dtype when it is 16-bit, else fp32 /
     fp64), one fused product each: the rank-r product is the ``addmm``'s addend, which the base GEMM adds
     in its epilogue, and in backward c is folded into the ``[N, K]`` weight (one pass,
-    ``dora_row_scale``) and the ``[N, r]`` B instead of the ``[M, N]`` gradient:
+    ``dora_row_scale``) and the ``[N, r]`` B instead of the ``[M, N]`` gradient (``addmm_inplace``: no
+    copy of the addend, compiled or not):
         dx = g @ (c W) + (g @ (s c B)) @ A        dA = (g @ (s c B)).T @ x_lora
         dB = s c (g.T @ xa)                       dm = sum_M(g * pre) / ||.||       db = sum_M(g)
     DoRA keeps ``pre`` (``[M, N]`` in ``mm``) for dm instead of recomputing the base matmul. Unfused,
@@ -191,8 +192,10 @@ class _DoRALinearFn(torch.autograd.Function):
             out = dora_lora_scale(pre, xa, lora_b, scale, bias, x.dtype)
             ctx.pre_has_lora = False
         else:
+            from quantframe.kernels.dora import addmm_inplace
+
             # LoRA: the rank-r product first; the base GEMM adds it in its epilogue (cuBLAS beta = 1)
-            pre = torch.addmm(xa @ lora_b.T, x.to(mm), w.T)
+            pre = addmm_inplace(xa @ lora_b.T, x.to(mm), w.T)
             out = pre if bias is None else pre + bias.to(mm)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, magnitude, xa, norm, pre if use_dora else None)
         ctx.scaling, ctx.use_dora, ctx.bias_dtype = scaling, use_dora, None if bias is None else bias.dtype
@@ -213,14 +216,16 @@ class _DoRALinearFn(torch.autograd.Function):
         dx = dx_lora = None
         a = lora_A.to(mm)
         if need[0]:
+            from quantframe.kernels.dora import addmm_inplace
+
             if c is None:
                 w = _base_weights(weight, acc, mm)[1]
             else:  # c W in one pass ([N, K]; a quantized base dequantized once, in acc)
                 from quantframe.kernels.dora import dora_row_scale
 
                 w = dora_row_scale(_dense(weight, acc) if isinstance(weight, QuantTensor) else weight, c, mm)
-            # (g * c) @ W, with the LoRA path's share added in the GEMM's epilogue when x feeds both
-            dx = torch.addmm(gxa @ a, g, w) if ctx.shared_input else g @ w
+            # (g * c) @ W, added in the GEMM's epilogue to the LoRA path's share when x feeds both
+            dx = addmm_inplace(gxa @ a, g, w) if ctx.shared_input else g @ w
             dx = dx.to(x.dtype)
         if not ctx.shared_input and need[1]:
             dx_lora = (gxa @ a).to(x_lora.dtype)

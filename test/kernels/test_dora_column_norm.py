@@ -6,6 +6,7 @@ The Triton launcher runs under TRITON_INTERPRET=1 on CPU tensors (set in test/co
 import pytest
 import torch
 from quantframe.kernels.dora import (
+    addmm_inplace,
     dora_column_norm,
     dora_column_norm_reference,
     dora_column_norm_triton,
@@ -168,3 +169,19 @@ def test_lora_scale_rejects_bad_input():
         dora_lora_scale_triton(base, xa.bfloat16(), lb, scale, None, torch.float32)
     y = dora_lora_scale(base.double(), xa.double(), lb.double(), scale, None, torch.float64)  # fp64: the reference
     assert y.dtype == torch.float64
+
+
+# ---- out += a @ b in place ---------------------------------------------------------------------
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_addmm_inplace_adds_in_place(compiled):
+    out, a, b = torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5)
+    expected = out + a @ b
+
+    def fn(a, b):
+        c = a @ b.T.T.contiguous() * 0 + out  # a fresh addend, as in DoRA's backward
+        return addmm_inplace(c, a, b)
+
+    run = torch.compile(fn, fullgraph=True) if compiled else fn
+    torch.testing.assert_close(run(a, b), expected)
+    c = out.clone()
+    assert addmm_inplace(c, a, b) is c and torch.allclose(c, expected)
