@@ -146,6 +146,57 @@ def _ternary_words_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, magic, BLOCK_
     return tl.sum(acc, axis=1)[:, None]
 
 
+_DP4A_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # the interpreter runs no inline PTX
+
+
+@triton.jit
+def _dp4a(a, b, c):
+    """int32 ``c + sum_j a_j * b_j`` over the four signed bytes ``j`` of ``a`` and ``b`` (PTX ``dp4a``:
+    four int8 products and their sum in one instruction); the interpreter gets the same sum by shifts."""
+    if _DP4A_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    out = c
+    for j in tl.static_range(4):
+        out += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)  # sign-extended bytes j
+    return out
+
+
+@triton.jit
+def _ternary_dp4a_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 ``[BLOCK_N, 1]`` = one row of int8 x codes times ternary codes read as int32 words
+    (``packed`` rows and x 4-byte aligned, ``K % 16 == 0``; ``stride_pn`` in bytes), exact, four codes
+    a ``dp4a``. Word ``i`` holds elements ``16i + 4b + t`` in bits ``8b + 2t .. 8b + 2t + 1`` (code
+    ``c``, weight ``c - 1``), so ``(word >> 2t) & 0x03030303`` is four codes, one a byte: elements
+    ``16i + t + (0, 4, 8, 12)``; x's four words of the same 16 elements are transposed once per tile
+    into that order (bytes ``t`` of each), shared by the ``BLOCK_N`` rows. Per row and word: one
+    mask, three shift-and-masks, four ``dp4a``; the ``- 1`` comes off once per x word as
+    ``dp4a(0x01010101, x)``."""
+    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
+    x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)
+    ones = tl.full((BLOCK_K // 16,), 0x01010101, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w_idx = k0 // 16 + offs_w
+        mask_w = w_idx < K // 16
+        word = load_words(p_ptr, offs_n, mask_n, w_idx, K // 16, stride_pn)  # 0 past K or N: codes 0
+        xw0 = tl.load(x32 + 4 * w_idx, mask=mask_w, other=0)  # x[16i .. 16i + 3]
+        xw1 = tl.load(x32 + 4 * w_idx + 1, mask=mask_w, other=0)
+        xw2 = tl.load(x32 + 4 * w_idx + 2, mask=mask_w, other=0)
+        xw3 = tl.load(x32 + 4 * w_idx + 3, mask=mask_w, other=0)
+        for t in tl.static_range(4):
+            # bytes t of x's four words: x[16i + t + (0, 4, 8, 12)], the order of the codes below
+            xt = ((xw0 >> 8 * t) & 0xFF) | (((xw1 >> 8 * t) & 0xFF) << 8)
+            xt = xt | (((xw2 >> 8 * t) & 0xFF) << 16) | ((xw3 >> 8 * t) << 24)
+            x_sum = _dp4a(ones, xt, x_sum)
+            codes = (word >> 2 * t) & 0x03030303
+            acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+    # codes 0 past K meet x = 0; rows past N are masked at the store
+    return (tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0))[:, None]
+
+
 def _gemv_configs() -> list[triton.Config]:
     if _interpreted():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "WORDS": False}, num_warps=4)]
@@ -156,9 +207,14 @@ def _gemv_configs() -> list[triton.Config]:
     shapes += [(16, 512), (8, 512), (8, 1024)]
     plain = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": False}, num_warps=4, num_stages=3) for n, k in shapes]
     words = [(16, 1024), (32, 1024), (16, 2048), (8, 2048)]
-    return plain + [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3) for n, k in words
-    ]
+    # WORDS 2: _ternary_dp4a_row, four codes a dp4a (not yet timed; ~0.8 sm_90 instructions a code in
+    # its loop against ~5.5 for WORDS 1, whose 16 x 2,048 tile took 19.8 us at M = 1 on the H200)
+    dp4a = [(16, 1024), (32, 1024), (16, 2048), (32, 2048), (64, 1024), (64, 2048)]  # no spills (sm_90 build)
+    return (
+        plain
+        + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": 1}, num_warps=4, num_stages=3) for n, k in words]
+        + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": 2}, num_warps=4, num_stages=3) for n, k in dp4a]
+    )
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -183,12 +239,15 @@ def _ternary_gemv_kernel(
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 4 (words tiles: of 16)
-    WORDS: tl.constexpr,  # this config reads the codes as int32 words (_ternary_words_row)
+    WORDS: tl.constexpr,  # 0: byte tiles; 1: int32 words (_ternary_words_row); 2: words + dp4a (_ternary_dp4a_row)
 ):  # fmt: skip
     if WORDS:
         offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-        acc = _ternary_words_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, magic, BLOCK_N, BLOCK_K)
+        if WORDS == 2:
+            acc = _ternary_dp4a_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, BLOCK_N, BLOCK_K)
+        else:
+            acc = _ternary_words_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, magic, BLOCK_N, BLOCK_K)
         _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, offs_n < N, offs_m < M, stride_ym, stride_yn,
                   HAS_BIAS)  # fmt: skip
         return

@@ -171,10 +171,11 @@ def test_quantize_tokens_triton_takes_a_strided_row_view():
     assert torch.equal(codes, ref_codes) and torch.equal(sx, ref_sx)
 
 
-# ---- one row of codes read as int32 words (_ternary_words_row) ----------------------------------
+# ---- one row of codes read as int32 words (_ternary_words_row, _ternary_dp4a_row) ---------------
+@pytest.mark.parametrize("words", [1, 2], ids=["float-trick", "dp4a"])
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 1024)])
 @pytest.mark.parametrize("k", [256, 1024, 1040])
-def test_words_row_equals_the_byte_path(block_n, block_k, k):
+def test_words_row_equals_the_byte_path(block_n, block_k, k, words):
     # On a GPU the autotuner times the words tiles against the byte tiles; the interpreter's list
     # has one byte tile, so the words path is launched here by hand. Integer sums: bit for bit.
     import triton
@@ -186,7 +187,7 @@ def test_words_row_equals_the_byte_path(block_n, block_k, k):
     x[0, 3] = 50.0  # one large activation: codes near -128..127 elsewhere small
     codes, sx = ternary_mm_module._quantize_tokens_triton(x)
     ys = []
-    for words, bn, bk in ((False, 16, 32), (True, block_n, block_k)):
+    for words, bn, bk in ((0, 16, 32), (words, block_n, block_k)):
         y = torch.empty(1, n)
         ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, bn),)](
             codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
