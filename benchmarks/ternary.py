@@ -93,6 +93,23 @@ def quantframe_ternary(compiled: bool) -> Callable:
     return build
 
 
+def quantframe_ternary_fused_token(w):
+    """The eager layer with ``ternary_mm.FUSE_ONE_TOKEN`` on while it runs: one token quantized inside
+    the GEMV (one launch instead of two); other batch sizes take the same path as the eager row."""
+    from quantframe.kernels import ternary_mm
+
+    layer = quantframe_ternary(False)(w)
+
+    def run(x):
+        ternary_mm.FUSE_ONE_TOKEN = True
+        try:
+            return layer(x)
+        finally:
+            ternary_mm.FUSE_ONE_TOKEN = False
+
+    return run
+
+
 def torchao_packed(compiled: bool) -> Callable:
     """torchao's 2-bit BitNet weight, as its FSDP2 all-gather builds it (fsdp_post_all_gather)."""
 
@@ -116,6 +133,7 @@ LATENCY_ROWS: dict[str, Row] = {
     "bf16 F.linear": Row("bf16", bf16_linear),
     "quantframe TernaryWeight, eager": Row("ternary", quantframe_ternary(False), "quantframe"),
     "quantframe TernaryWeight, compiled": Row("ternary", quantframe_ternary(True), "quantframe"),
+    "quantframe TernaryWeight, one token fused, eager": Row("ternary", quantframe_ternary_fused_token, "quantframe"),
     "torchao BitNetPacked2bitLinearWeight, eager": Row("ternary, bf16 scales", torchao_packed(False), "torchao"),
     "torchao BitNetPacked2bitLinearWeight, compiled": Row("ternary, bf16 scales", torchao_packed(True), "torchao"),
 }

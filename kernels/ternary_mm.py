@@ -454,6 +454,79 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
     return y.reshape(*x.shape[:-1], n)
 
 
+# ---- one token, its quantization inside the GEMV --------------------------------------------------
+# Off by default until timed on a GPU against the two launches it replaces (the token's quantization,
+# then the GEMV): `benchmarks/ternary.py --part latency` has a row for it.
+FUSE_ONE_TOKEN = False
+
+
+@triton.jit
+def _ternary_token_gemv_kernel(
+    x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_pn,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """One float token ``x [K]`` (``K % 16 == 0``) times the ternary weight, with the token's int8
+    quantization done by every program (``_quantize_tokens_kernel``'s ops, bit for bit: the token is
+    8 KiB, L2-resident) and the products by ``_ternary_dp4a_row``'s scheme: one launch, where the
+    unfused path makes two."""
+    offs = tl.arange(0, BLOCK_X)
+    amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_X):
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)))
+    sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
+    x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)
+    ones = tl.full((BLOCK_K // 16,), 0x01010101, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w_idx = k0 // 16 + offs_w
+        mask_w = w_idx < K // 16
+        word = load_words(p_ptr, offs_n, mask_n, w_idx, K // 16, stride_pn)
+        for t in tl.static_range(4):
+            xt = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)  # int8 codes of x[16i + t + (0, 4, 8, 12)]
+            for q in tl.static_range(4):
+                v = tl.load(x_ptr + 16 * w_idx + 4 * q + t, mask=mask_w, other=0.0).to(tl.float32)
+                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(v, sx)), -128.0), 127.0).to(tl.int32)
+                xt = xt | ((c & 0xFF) << 8 * q)
+            x_sum = _dp4a(ones, xt, x_sum)
+            codes = (word >> 2 * t) & 0x03030303
+            acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+    acc1 = (tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0))[:, None]
+    offs_m = tl.arange(0, 1).to(tl.int64)
+    out = acc1.to(tl.float32) * tl.load(s_ptr) * sx
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] + offs_n[:, None], out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
+def _token_configs() -> list[triton.Config]:
+    if _interpreted():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3)
+            for n, k in ((32, 1024), (32, 2048), (64, 1024), (64, 2048))]  # fmt: skip
+
+
+_ternary_token_gemv = triton.autotune(configs=_token_configs(), key=["N", "K"])(_ternary_token_gemv_kernel)
+
+
+@triton_op("quantframe::ternary_token_gemv", mutates_args=())
+def _ternary_token_gemv_op(
+    x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """Float ``x [1, K]`` (unit stride), ``packed`` rows of whole 4-byte-aligned words; checked by
+    :func:`ternary_mm_triton`."""
+    n, k = packed.shape[0], x.shape[1]
+    y = torch.empty((1, n), dtype=out_dtype, device=x.device)
+    if n:
+        wrap_triton(_ternary_token_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x, packed, scale, bias if bias is not None else scale, y, n, k, packed.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_X=min(4096, triton.next_power_of_2(k)),
+        )  # fmt: skip
+    return y
+
+
 @triton_op("quantframe::ternary_mm", mutates_args=())
 def _ternary_mm_op(
     x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
@@ -484,7 +557,11 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"ternary_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
     k = x.shape[-1]
-    codes, sx = _quantize_tokens_triton(x.reshape(-1, k))
+    x2d = x.reshape(-1, k)
+    if FUSE_ONE_TOKEN and x2d.shape[0] == 1 and wmm.word_rows(packed, 16, k) and x2d.stride(-1) == 1:
+        y = torch.ops.quantframe.ternary_token_gemv(x2d, packed, scale.float().reshape(()), bias, x.dtype)
+        return y.reshape(*x.shape[:-1], packed.shape[0])
+    codes, sx = _quantize_tokens_triton(x2d)
     y = torch.ops.quantframe.ternary_mm(
         codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
     )

@@ -150,6 +150,33 @@ def test_triton_matches_reference_on_cuda(m):
     assert_close_at_scale(compiled(x, w.packed, w.scale), y_ref, rel=1e-2, min_sqnr=45)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["words", "dp4a", "fused-token"])
+def test_one_token_paths_match_the_byte_path_on_cuda(monkeypatch, path):
+    # each one-row path launched alone on a real GPU (the autotuner would pick only one): the PTX
+    # dp4a and the byte path must give the same integer sums, bit for bit
+    import triton
+
+    torch.manual_seed(0)
+    n, k = 1000, 4096
+    w = TernaryWeight.from_float(torch.randn(n, k, device="cuda"))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    codes, sx = ternary_mm_module._quantize_tokens_triton(x)
+    ys = []
+    for words in (0, {"words": 1, "dp4a": 2, "fused-token": 2}[path]):
+        y = torch.empty(1, n, device="cuda")
+        ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, 16),)](
+            codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
+            HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=64 if words == 0 else 1024, WORDS=words,
+        )  # fmt: skip
+        ys.append(y)
+    if path == "fused-token":
+        monkeypatch.setattr(ternary_mm_module, "FUSE_ONE_TOKEN", True)
+        ys[1] = ternary_mm_triton(x.float(), w.packed, w.scale)
+    torch.testing.assert_close(ys[1], ys[0], atol=0, rtol=0)
+
+
 # ---- per-token activation quantization in one launch -----------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("m, k", [(1, 64), (5, 66), (3, 5000)])  # 5000: two 4096-wide passes per row
@@ -209,3 +236,24 @@ def test_words_tiles_are_offered_only_for_one_aligned_row():
     assert kept(BLOCK_M=1, WORDS_OK=True) == [(64, False), (1024, True)]
     assert kept(BLOCK_M=1, WORDS_OK=False) == [(64, False)]
     assert kept(BLOCK_M=2, WORDS_OK=True) == [(64, False)]
+
+
+# ---- one token quantized inside the GEMV (FUSE_ONE_TOKEN) ---------------------------------------
+@pytest.mark.parametrize("k", [16, 256, 1040])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_fused_token_gemv_equals_the_two_launches(monkeypatch, k, dtype, has_bias):
+    torch.manual_seed(k)
+    n = 37  # not a multiple of the tile
+    w = _weight(n, k)
+    x = torch.randn(1, 1, k).to(dtype)
+    x[0, 0, 5] = -40.0  # a large activation: codes of every size
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    unfused = ternary_mm_triton(x, w.packed, w.scale, bias)
+    launched = []
+    monkeypatch.setattr(ternary_mm_module, "FUSE_ONE_TOKEN", True)
+    monkeypatch.setattr(ternary_mm_module, "_quantize_tokens_triton", lambda *a: launched.append(a))
+    fused = ternary_mm_triton(x, w.packed, w.scale, bias)
+    assert not launched  # no separate quantization launch
+    assert fused.shape == (1, 1, n) and fused.dtype == dtype
+    torch.testing.assert_close(fused, unfused, atol=0, rtol=0)  # the same integer sums, the same scales
