@@ -164,6 +164,16 @@ def _dp4a(a, b, c):
 
 
 @triton.jit
+def _dp4a_codes(word, t: tl.constexpr, xt, acc, x_sum):
+    """``acc += codes . x`` and ``x_sum += sum(x)`` for the four codes ``t`` of each byte of ``word``
+    (``(word >> 2t) & 0x03030303``: elements ``16i + t + {0, 4, 8, 12}``, one a byte) and ``xt``, the
+    int8 x codes of those elements packed in the same byte order (one ``dp4a`` each)."""
+    codes = (word >> 2 * t) & 0x03030303
+    acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+    return acc, _dp4a(tl.full(xt.shape, 0x01010101, tl.int32), xt, x_sum)
+
+
+@triton.jit
 def _ternary_dp4a_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int32 ``[BLOCK_N, 1]`` = one row of int8 x codes times ternary codes read as int32 words
     (``packed`` rows and x 4-byte aligned, ``K % 16 == 0``; ``stride_pn`` in bytes), exact, four codes
@@ -177,7 +187,6 @@ def _ternary_dp4a_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, BLOCK_N: tl.co
     x32 = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
     x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)
-    ones = tl.full((BLOCK_K // 16,), 0x01010101, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w_idx = k0 // 16 + offs_w
         mask_w = w_idx < K // 16
@@ -190,9 +199,7 @@ def _ternary_dp4a_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, BLOCK_N: tl.co
             # bytes t of x's four words: x[16i + t + (0, 4, 8, 12)], the order of the codes below
             xt = ((xw0 >> 8 * t) & 0xFF) | (((xw1 >> 8 * t) & 0xFF) << 8)
             xt = xt | (((xw2 >> 8 * t) & 0xFF) << 16) | ((xw3 >> 8 * t) << 24)
-            x_sum = _dp4a(ones, xt, x_sum)
-            codes = (word >> 2 * t) & 0x03030303
-            acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+            acc, x_sum = _dp4a_codes(word, t, xt, acc, x_sum)
     # codes 0 past K meet x = 0; rows past N are masked at the store
     return (tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0))[:, None]
 
@@ -479,7 +486,6 @@ def _ternary_token_gemv_kernel(
     offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
     x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)
-    ones = tl.full((BLOCK_K // 16,), 0x01010101, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w_idx = k0 // 16 + offs_w
         mask_w = w_idx < K // 16
@@ -490,9 +496,7 @@ def _ternary_token_gemv_kernel(
                 v = tl.load(x_ptr + 16 * w_idx + 4 * q + t, mask=mask_w, other=0.0).to(tl.float32)
                 c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(v, sx)), -128.0), 127.0).to(tl.int32)
                 xt = xt | ((c & 0xFF) << 8 * q)
-            x_sum = _dp4a(ones, xt, x_sum)
-            codes = (word >> 2 * t) & 0x03030303
-            acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+            acc, x_sum = _dp4a_codes(word, t, xt, acc, x_sum)
     acc1 = (tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0))[:, None]
     offs_m = tl.arange(0, 1).to(tl.int64)
     out = acc1.to(tl.float32) * tl.load(s_ptr) * sx
