@@ -198,11 +198,98 @@ def _nf4_words_row(
     return tl.sum(acc_b, axis=1)[:, None]
 
 
+_PRMT_ASM = tl.constexpr(not wmm.interpreted())  # the interpreter runs no inline PTX
+
+
+@triton.jit
+def _prmt(a, b, sel):
+    """PTX ``prmt.b32`` (default mode): byte ``j`` of the result is byte ``(sel >> 4j) & 7`` of the
+    eight bytes ``b:a`` (``a`` bytes 0-3, ``b`` bytes 4-7); ``sel``'s nibbles must have bit 3 clear
+    (no sign replication). The interpreter gets the same bytes by shifts."""
+    a, b = a + tl.zeros_like(sel), b + tl.zeros_like(sel)  # table registers: scalars
+    if _PRMT_ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    out = tl.zeros_like(sel)
+    for j in tl.static_range(4):
+        i = (sel >> 4 * j) & 7
+        byte = tl.where(i < 4, (a >> 8 * (i & 3)) & 0xFF, (b >> 8 * (i & 3)) & 0xFF)
+        out |= byte << 8 * j
+    return out
+
+
+@triton.jit
+def _plane(lv_ptr, first: tl.constexpr, shift: tl.constexpr):
+    """int32: byte ``shift // 8`` of the fp16 bits of levels ``first .. first + 3``, one a byte."""
+    out = tl.zeros((), dtype=tl.int32)
+    for j in tl.static_range(4):
+        bits = tl.load(lv_ptr + first + j).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        out |= ((bits >> shift) & 0xFF) << 8 * j
+    return out
+
+
+@triton.jit
+def _lookup4(sel, sel2, t0, t1, t2, t3):
+    """One byte plane of the levels of the four codes in ``sel``'s nibbles (bits 0-2: entry within
+    eight, ``sel2`` picks the eight): ``prmt`` from the 16-entry byte table ``t0..t3``."""
+    return _prmt(_prmt(t0, t1, sel), _prmt(t2, t3, sel), sel2)
+
+
+@triton.jit
+def _nf4_lut_row(
+    x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``_nf4_words_row`` with the levels looked up in registers instead of gathered from memory:
+    the 16 levels as fp16 (rounding each by at most 2**-12 of itself) are two byte planes of four
+    int32 each; ``prmt`` picks four codes' bytes at once from eight entries (two ``prmt``) and a third
+    ``prmt`` picks between the two eights by each code's top bit; two more interleave the planes into
+    fp16 pairs, converted to fp32 for the FMAs. ~5 sm_90 instructions a code against ~13."""
+    lo0, lo1, lo2, lo3 = _plane(lv_ptr, 0, 0), _plane(lv_ptr, 4, 0), _plane(lv_ptr, 8, 0), _plane(lv_ptr, 12, 0)
+    hi0, hi1, hi2, hi3 = _plane(lv_ptr, 0, 8), _plane(lv_ptr, 4, 8), _plane(lv_ptr, 8, 8), _plane(lv_ptr, 12, 8)
+    offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
+    for k0 in range(0, K, BLOCK_K):
+        w_idx = k0 // 8 + offs_w
+        mask_w = w_idx < K // 8
+        word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
+        part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word: elements (4h + j) ^ 1
+            half = word >> 16 * h
+            sel = half & 0x7777
+            sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
+            lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
+            hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
+            for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
+                pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
+                for r in tl.static_range(2):
+                    level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    p = 4 * h + 2 * q + r
+                    xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+                    part += level * xj[None, :]  # words past K: code 0 meets x = 0
+        if BLOCK_SIZE >= BLOCK_K:
+            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+            acc += part * s[:, None]
+        else:
+            bs = k0 // BLOCK_SIZE + tl.arange(0, BLOCK_K // BLOCK_SIZE)
+            mask = mask_n[:, None] & (bs < K // BLOCK_SIZE)[None, :]
+            part_b = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // BLOCK_SIZE, BLOCK_SIZE // 8)), axis=2)
+            scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + bs[None, :] * stride_sg, mask=mask, other=0.0)
+            acc_b += part_b * scale
+    if BLOCK_SIZE >= BLOCK_K:
+        return tl.sum(acc, axis=1)[:, None]
+    return tl.sum(acc_b, axis=1)[:, None]
+
+
 _GEMV_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32, 64), (64, 64), (128, 64)]
 # One row, codes as int32 words (_nf4_words_row): long K tiles of several scale blocks, offered to the
 # autotuner beside the byte tiles above (not yet timed on a GPU: sm_90 SASS ~12 instructions a code,
 # against ~13 for the byte tiles, whose K tiles cannot pass a 64-code block).
 _WORDS_SHAPES = [(16, 512), (16, 1024), (8, 1024)]
+# _nf4_lut_row (WORDS 2): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at 8 / 16 / 32 x 1,024 (gathered
+# levels: 12.7 at 8 x 1,024, the tile the autotuner kept on the H200 at 108.8 us); no spills at 32 x 1,024
+_LUT_SHAPES = [*_WORDS_SHAPES, (32, 1024), (16, 2048)]
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -212,7 +299,9 @@ def _gemv_configs() -> list[triton.Config]:
     if wmm.interpreted():
         return plain
     return plain + [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3) for n, k in _WORDS_SHAPES
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": w}, num_warps=4, num_stages=3)
+        for w, shapes in ((1, _WORDS_SHAPES), (2, _LUT_SHAPES))  # 2: not yet timed on a GPU
+        for n, k in shapes
     ]
 
 
@@ -241,7 +330,7 @@ def _nf4_gemv_kernel(
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE (byte tiles) or is a multiple of it (words tiles)
-    WORDS: tl.constexpr,  # this config reads the codes as int32 words (_nf4_words_row)
+    WORDS: tl.constexpr,  # codes as int32 words: 1 levels gathered (_nf4_words_row), 2 by prmt (_nf4_lut_row)
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -249,6 +338,13 @@ def _nf4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
+    if WORDS == 2:
+        acc = _nf4_lut_row(
+            x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,
+            BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+        return
     if WORDS:
         acc = _nf4_words_row(
             x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,

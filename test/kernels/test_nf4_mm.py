@@ -278,10 +278,34 @@ def test_triton_matches_reference_on_cuda(m, dtype):
     torch.testing.assert_close(xg.grad.double(), grad_ref, atol=2e-2, rtol=2e-2)
 
 
-# ---- one row of codes read as int32 words (_nf4_words_row) --------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("words", [1, 2], ids=["gather", "prmt"])
+def test_words_rows_match_reference_on_cuda(words):
+    # each one-row words path launched alone on a real GPU (the autotuner runs only the fastest):
+    # the PTX prmt lookup must give the fp16 levels exactly
+    import triton
+
+    torch.manual_seed(0)
+    n, k, block_size = 1000, 4096, 64
+    q = NF4Tensor.from_float(torch.randn(n, k, device="cuda") * 0.02, block_size=block_size)
+    scale2 = q.block_scales().reshape(n, k // block_size)
+    x = torch.randn(1, k, device="cuda")
+    y = torch.empty(1, n, device="cuda")
+    nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, 16),)](
+        x, q.codes, scale2, _level_table(q.device), scale2, y, 1, n, k, *x.stride(), *q.codes.stride(),
+        *scale2.stride(), *y.stride(),
+        BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, WORDS=words,
+    )  # fmt: skip
+    levels = _level_table(q.device) if words == 1 else _level_table(q.device).half().float()
+    y_ref = nf4_mm_reference(x, q.codes, q.block_scales(), levels, block_size)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+
+
+# ---- one row of codes read as int32 words (_nf4_words_row, _nf4_lut_row) ----------------------
+@pytest.mark.parametrize("words", [1, 2], ids=["gather", "prmt"])
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 512)])
-def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k):
+def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k, words):
     # On a GPU the autotuner times these tiles (K tiles of several scale blocks) against the byte
     # tiles; the interpreter's list has one byte tile, so the words path is launched here by hand.
     import triton
@@ -295,9 +319,11 @@ def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k)
     nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
         x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
         BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
-        WORDS=True,
+        WORDS=words,
     )  # fmt: skip
-    torch.testing.assert_close(y, nf4_mm_reference(x, codes, scale, LEVELS, block_size), rtol=1e-5, atol=1e-4)
+    # prmt: the levels as fp16, each within 2**-12 of itself: the sum within ~2**-12 of its magnitude
+    levels = LEVELS if words == 1 else LEVELS.half().float()
+    torch.testing.assert_close(y, nf4_mm_reference(x, codes, scale, levels, block_size), rtol=1e-5, atol=1e-4)
 
 
 def test_words_tiles_are_offered_only_for_one_aligned_row():
