@@ -9,8 +9,10 @@ MatMul8bit): each of a linear's three matmuls quantizes its operands per row alo
 dim and calls this.
 
 Also here: :func:`quantize_colwise_int8`, per-column int8 of ``t [R, C]`` written transposed as
-``[C, R]``, which the weight-gradient matmul (reduction over tokens) needs. Per-row int8 is
-``quantframe.kernels.int8_rowwise.quantize_rowwise_int8``, not repeated here.
+``[C, R]``, which the weight-gradient matmul (reduction over tokens) needs, and
+:func:`quantize_rowcol_int8`, both the per-row and the per-column codes of one tensor from two
+passes over it (a linear's input and output gradient each feed two INT8 matmuls). Per-row int8
+alone is ``quantframe.kernels.int8_rowwise.quantize_rowwise_int8``, not repeated here.
 
 Autotuning: on a GPU ``_int8_scaled_mm_kernel`` is tuned over ``_GPU_CONFIGS`` (H100-sized tiles),
 keyed on ``(M, N, K)``. Under ``TRITON_INTERPRET=1`` (read at import, as ``@triton.jit`` does) the
@@ -30,6 +32,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import use_triton
 # round_half_even: a bare name (inductor resolves a user kernel's jit helpers by name)
+from .int8_rowwise import _check_args as _check_rowwise_args
 from .int8_rowwise import quantize_rowwise_int8_reference, round_half_even
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "quantize_colwise_int8",
     "quantize_colwise_int8_reference",
     "quantize_colwise_int8_triton",
+    "quantize_rowcol_int8",
+    "quantize_rowcol_int8_reference",
+    "quantize_rowcol_int8_triton",
 ]
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -340,3 +346,107 @@ def quantize_colwise_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     if use_triton(t):
         return quantize_colwise_int8_triton(t)
     return quantize_colwise_int8_reference(t)
+
+
+# ---- per-row and per-column codes of one tensor, two passes -----------------------------------
+def _check_rowcol_args(t: Tensor, col_scale: Tensor | None) -> None:
+    _check_colwise_args(t)
+    _check_rowwise_args(t, None, col_scale)
+
+
+def quantize_rowcol_int8_reference(
+    t: Tensor, col_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(q_row, s_row, q_col, s_col)``: ``quantize_rowwise_int8_reference(t, col_scale=col_scale)``
+    (int8 ``[R, C]``, fp32 ``[R]``) and ``quantize_colwise_int8_reference(t)`` (int8 ``[C, R]``,
+    fp32 ``[C]``): the codes a linear's input (output GEMM, weight gradient) or output gradient
+    (input gradient, weight gradient; ``col_scale`` the int8 weight's row scale) feed two INT8
+    matmuls with. Raises as those two (``t [R, C]`` with R, C >= 1).
+    """
+    _check_rowcol_args(t, col_scale)
+    q_row, s_row = quantize_rowwise_int8_reference(t, col_scale=col_scale)
+    q_col, s_col = quantize_colwise_int8_reference(t)
+    return q_row, s_row, q_col, s_col
+
+
+@triton.jit
+def _rowcol_absmax_kernel(
+    t_ptr, cs_ptr, row_ptr, col_ptr, R, C, stride_r, stride_c,
+    HAS_COL_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # _colwise_absmax_kernel's tiles, plus each tile's row maxima (of t * col_scale) into row_ptr:
+    # both through atomic max of non-negative fp32, order-free, so deterministic.
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    t = tl.load(t_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_max(col_ptr + cols, tl.max(tl.abs(t), axis=0), mask=cols < C)
+    if HAS_COL_SCALE:
+        t = t * tl.load(cs_ptr + cols, mask=cols < C, other=0.0)[None, :]
+    tl.atomic_max(row_ptr + rows, tl.max(tl.abs(t), axis=1), mask=rows < R)
+
+
+@triton.jit
+def _rowcol_quantize_kernel(
+    t_ptr, cs_ptr, row_ptr, col_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, R, C, stride_r, stride_c,
+    HAS_COL_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_r, mask_c = rows < R, cols < C
+    mask = mask_r[:, None] & mask_c[None, :]
+    # the scales and codes of quantize_rowwise_int8 / _colwise_quantize_kernel, bit for bit
+    s_row = tl.maximum(tl.math.div_rn(tl.load(row_ptr + rows, mask=mask_r, other=0.0), 127.0), 1e-12)
+    s_col = tl.maximum(tl.math.div_rn(tl.load(col_ptr + cols, mask=mask_c, other=0.0), 127.0), 1e-12)
+    if tl.program_id(1) == 0:
+        tl.store(sr_ptr + rows, s_row, mask=mask_r)
+    if tl.program_id(0) == 0:
+        tl.store(sc_ptr + cols, s_col, mask=mask_c)
+    t = tl.load(t_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    v = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(t, s_col[None, :])), -127.0), 127.0)
+    tl.store(qc_ptr + cols[None, :] * R + rows[:, None], v.to(tl.int8), mask=mask)  # q_col is [C, R]
+    if HAS_COL_SCALE:
+        t = t * tl.load(cs_ptr + cols, mask=mask_c, other=0.0)[None, :]
+    v = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(t, s_row[:, None])), -127.0), 127.0)
+    tl.store(qr_ptr + rows[:, None] * C + cols[None, :], v.to(tl.int8), mask=mask)
+
+
+@triton_op("quantframe::quantize_rowcol_int8", mutates_args=())
+def _quantize_rowcol_int8_op(t: Tensor, col_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Arguments already checked by :func:`quantize_rowcol_int8_triton`."""
+    r, c = t.shape
+    q_row = torch.empty((r, c), dtype=torch.int8, device=t.device)
+    q_col = torch.empty((c, r), dtype=torch.int8, device=t.device)
+    s_row = torch.empty((r,), dtype=torch.float32, device=t.device)
+    s_col = torch.empty((c,), dtype=torch.float32, device=t.device)
+    amax_row = torch.zeros((r,), dtype=torch.float32, device=t.device)
+    amax_col = torch.zeros((c,), dtype=torch.float32, device=t.device)
+    grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
+    cs = col_scale if col_scale is not None else amax_col  # a dummy pointer without col_scale
+    strides = (t.stride(0), t.stride(1))
+    wrap_triton(_rowcol_absmax_kernel)[grid](
+        t, cs, amax_row, amax_col, r, c, *strides, HAS_COL_SCALE=col_scale is not None, BLOCK_R=64, BLOCK_C=64
+    )  # fmt: skip
+    wrap_triton(_rowcol_quantize_kernel)[grid](
+        t, cs, amax_row, amax_col, q_row, s_row, q_col, s_col, r, c, *strides,
+        HAS_COL_SCALE=col_scale is not None, BLOCK_R=64, BLOCK_C=64,
+    )  # fmt: skip
+    return q_row, s_row, q_col, s_col
+
+
+def quantize_rowcol_int8_triton(
+    t: Tensor, col_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton version of :func:`quantize_rowcol_int8_reference` (bit for bit): two passes over ``t``
+    in 2-D tiles (row and column maxima, then both codes) where the row-wise and column-wise
+    quantizers make three (the row-wise kernel re-reads each row from cache)."""
+    _check_rowcol_args(t, col_scale)
+    return torch.ops.quantframe.quantize_rowcol_int8(t, None if col_scale is None else col_scale.contiguous())
+
+
+def quantize_rowcol_int8(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (of ``t * col_scale``) and per-column int8 codes of ``t [R, C]``: Triton on CUDA, else
+    the reference."""
+    if use_triton(t):
+        return quantize_rowcol_int8_triton(t, col_scale)
+    return quantize_rowcol_int8_reference(t, col_scale)

@@ -216,8 +216,14 @@ def _colwise(t: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_colwise_int8(t)
 
 
-def _output(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """y [M, N] = x [M, K] @ W.T + bias."""
+def _rowcol(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from quantframe.kernels.int8_mm import quantize_rowcol_int8
+
+    return quantize_rowcol_int8(t, col_scale)
+
+
+def _output(x: Tensor, w: Tensor, bias: Tensor | None, x_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """y [M, N] = x [M, K] @ W.T + bias; ``x_rows``: x's row codes and scales if already quantized."""
     int8_weights = isinstance(w, Int8QTLinearWeight)
     if not w.output:
         if int8_weights:
@@ -225,13 +231,14 @@ def _output(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 
             return int8_weight_mm(x, w.int_data, w.scale, bias)
         return F.linear(x, w.float_data.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    xq, xs = _rowwise(x)
+    xq, xs = x_rows if x_rows is not None else _rowwise(x)
     wq, ws = (w.int_data, w.scale) if int8_weights else _rowwise(w.float_data)  # stored rows are these rows
     return _mm(xq, wq, xs, ws, bias, out_dtype=x.dtype)
 
 
-def _grad_input(g: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
-    """dx [M, K] = g [M, N] @ W."""
+def _grad_input(g: Tensor, w: Tensor, dtype: torch.dtype, g_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """dx [M, K] = g [M, N] @ W; ``g_rows``: g's row codes and scales (of ``g * W.scale`` with INT8
+    weights) if already quantized."""
     int8_weights = isinstance(w, Int8QTLinearWeight)
     if not w.grad_input:
         if int8_weights:
@@ -240,48 +247,79 @@ def _grad_input(g: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
             return int8_weight_mm(g, w.int_data, w.scale, transpose=True).to(dtype)
         return (g @ w.float_data.to(g.dtype)).to(dtype)
     if int8_weights:  # (g * scale) @ int_data: the stored codes, their row scale folded into g
-        gq, gs = _rowwise(g, col_scale=w.scale)  # in the quantizer: g * scale is never written
+        gq, gs = g_rows if g_rows is not None else _rowwise(g, col_scale=w.scale)  # g * scale never written
         ones = torch.ones(w.shape[1], dtype=torch.float32, device=g.device)
         return _mm(gq, w.int_data.T, gs, ones, out_dtype=dtype)
-    gq, gs = _rowwise(g)
+    gq, gs = g_rows if g_rows is not None else _rowwise(g)
     wq_t, ws_t = _colwise(w.float_data)  # [K, N], one scale per input feature
     return _mm(gq, wq_t, gs, ws_t, out_dtype=dtype)
 
 
-def _grad_weight(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """dW [N, K] = g.T [N, M] @ x [M, K], in the weight's (outer) dtype."""
-    if not w.grad_weight:
-        return (g.T @ x.to(g.dtype)).to(w.dtype)
-    if g.shape[0] == 0:  # no tokens: nothing to quantize column-wise
-        return torch.zeros(w.shape, dtype=w.dtype, device=g.device)
-    gq_t, gs_t = _colwise(g)  # [N, M], one scale per output feature
-    xq_t, xs_t = _colwise(x)  # [K, M], one scale per input feature
-    return _mm(gq_t, xq_t, gs_t, xs_t, out_dtype=w.dtype)
+def _grad_weight(g_cols: tuple[Tensor, Tensor], x_cols: tuple[Tensor, Tensor], w: Tensor) -> Tensor:
+    """dW [N, K] = g.T [N, M] @ x [M, K] in INT8, in the weight's (outer) dtype, from the column codes
+    and scales of g (``[N, M]``, ``[N]``) and x (``[K, M]``, ``[K]``)."""
+    return _mm(g_cols[0], x_cols[0], g_cols[1], x_cols[1], out_dtype=w.dtype)
 
 
 class _Int8MixedPrecisionLinear(torch.autograd.Function):
-    """y = x @ W.T + b with each of the three matmuls in INT8 as the weight's flags say."""
+    """y = x @ W.T + b with each of the three matmuls in INT8 as the weight's flags say.
+
+    A tensor that feeds two INT8 matmuls is quantized per row and per column in one two-pass kernel
+    (``quantize_rowcol_int8``): x for the output (rows) and the weight gradient (columns), g for the
+    input gradient (rows) and the weight gradient (columns). When the weight gradient is INT8, the
+    forward keeps x's column codes (int8, ``[K, M]``) for it instead of x itself (half the bytes).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
+        x2d = x.reshape(-1, x.shape[-1])
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        # INT8 weight gradient: x's column codes now, so that backward needs neither x nor a pass over it
+        ctx.x_codes = bool(weight.grad_weight and ctx.needs_input_grad[1] and x2d.shape[0] > 0)
+        x_rows = x_cols = None
+        if ctx.x_codes and weight.output:
+            xq, xs, xq_t, xs_t = _rowcol(x2d)
+            x_rows, x_cols = (xq, xs), (xq_t, xs_t)
+        elif ctx.x_codes:
+            x_cols = _colwise(x2d)
         # The weight (not its quantized copy) is saved: under FSDP2 it is freed after forward and
         # all-gathered again for backward; a saved int8 copy would stay alive unsharded.
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        y = _output(x.reshape(-1, x.shape[-1]), weight, bias)
+        if ctx.x_codes:
+            ctx.save_for_backward(*x_cols, weight)
+        else:
+            ctx.save_for_backward(x, weight)
+        y = _output(x2d, weight, bias, x_rows)
         # _unsafe_view, as aten's matmul does: a plain view would make the output a view of a
         # temporary, which FSDP2 warns about (in-place ops on it would skip its backward hook).
         return aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight = ctx.saved_tensors
+        if ctx.x_codes:
+            xq_t, xs_t, weight = ctx.saved_tensors
+        else:
+            x, weight = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(g, weight, x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = _grad_weight(g, x.reshape(-1, x.shape[-1]), weight)
+        g_rows = g_cols = None
+        if need_w and ctx.x_codes:
+            if need_x and weight.grad_input:  # g feeds two INT8 matmuls: one two-pass quantization
+                col_scale = weight.scale if isinstance(weight, Int8QTLinearWeight) else None
+                gq, gs, gq_t, gs_t = _rowcol(g, col_scale)
+                g_rows, g_cols = (gq, gs), (gq_t, gs_t)
+            else:
+                g_cols = _colwise(g)  # [N, M], one scale per output feature
+        if need_x:
+            grad_x = _grad_input(g, weight, ctx.x_dtype, g_rows).reshape(ctx.x_shape)
+        if need_w:
+            if ctx.x_codes:
+                grad_w = _grad_weight(g_cols, (xq_t, xs_t), weight)
+            elif not weight.grad_weight:
+                grad_w = (g.T @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
+            else:  # no tokens: nothing to quantize column-wise
+                grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=g.device)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b

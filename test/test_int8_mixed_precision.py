@@ -23,7 +23,7 @@ from quantframe.kernels import int8_mm
 from quantframe.optim import AdamW
 from quantframe.primitives import quantize_rowwise_int8
 from quantframe.tensor import _op_name
-from quantframe.testing import QuantTensorContract, sqnr
+from quantframe.testing import QuantTensorContract, patch_interpreter_loop_bounds, sqnr
 
 CLASSES = {"float": Int8MixedPrecisionLinearWeight, "int8": Int8MixedPrecisionQTLinearWeight}
 M, N, K = 6, 10, 12  # tokens, out_features, in_features: distinct, so a matmul's shape names it
@@ -105,6 +105,33 @@ def test_each_matmul_is_the_int8_product_of_vectorwise_quantized_operands(kind):
     dw_int8 = _fake_cols(g).T @ _fake_cols(x)
     for got, int8_truth in ((r["y"], y_int8), (r["dx"], dx_int8), (r["dw"], dw_int8)):
         torch.testing.assert_close(got.reshape(int8_truth.shape).double(), int8_truth, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CLASSES, ids=CLASSES.keys())
+def test_the_triton_kernels_give_the_reference_paths_result(monkeypatch, kind):
+    # The CUDA path (the interpreter standing in): x and g each quantized per row and per column in
+    # one two-pass kernel (quantize_rowcol_int8), x's column codes saved instead of x; the same
+    # codes as the reference's separate quantizers, so the same products
+    from quantframe.kernels import int8_rowwise
+
+    torch.manual_seed(0)
+    w = CLASSES[kind].from_float(torch.randn(N, K))
+    torch.manual_seed(1)
+    ref = _run(copy.deepcopy(w))
+    calls = []
+    rowcol = int8_mm.quantize_rowcol_int8_triton
+    monkeypatch.setattr(int8_mm, "quantize_rowcol_int8_triton", lambda *a: calls.append(a) or rowcol(*a))
+    for module in (int8_mm, int8_rowwise):
+        monkeypatch.setattr(module, "use_triton", lambda t: True)
+    undo = patch_interpreter_loop_bounds()  # as test/kernels/conftest.py does for the kernel tests
+    try:
+        torch.manual_seed(1)
+        got = _run(copy.deepcopy(w))
+    finally:
+        undo()
+    assert len(calls) == 2  # x in forward, g in backward
+    for key in ("y", "dx", "dw", "db"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

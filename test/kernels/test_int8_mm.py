@@ -19,6 +19,9 @@ from quantframe.kernels.int8_mm import (
     quantize_colwise_int8,
     quantize_colwise_int8_reference,
     quantize_colwise_int8_triton,
+    quantize_rowcol_int8,
+    quantize_rowcol_int8_reference,
+    quantize_rowcol_int8_triton,
 )
 from quantframe.kernels.int8_rowwise import quantize_rowwise_int8_reference
 
@@ -186,6 +189,13 @@ consts = dict(stride_c=1, BLOCK_R=64, BLOCK_C=64)
 out["absmax"] = build(m._colwise_absmax_kernel, sig, consts, ["t_ptr", "amax_ptr"], num_warps=4)
 sig = dict(list(sig.items())[:2] + [("q_ptr", "*i8"), ("s_ptr", "*fp32")] + list(sig.items())[2:])
 out["quantize"] = build(m._colwise_quantize_kernel, sig, consts, ["t_ptr", "amax_ptr", "q_ptr", "s_ptr"], num_warps=4)
+sig = dict(t_ptr="*bf16", cs_ptr="*fp32", row_ptr="*fp32", col_ptr="*fp32", R="i32", C="i32", stride_r="i32",
+           stride_c="constexpr", HAS_COL_SCALE="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr")
+consts = dict(stride_c=1, HAS_COL_SCALE=True, BLOCK_R=64, BLOCK_C=64)
+out["rowcol_absmax"] = build(m._rowcol_absmax_kernel, sig, consts, list(sig)[:4], num_warps=4)
+sig = dict(list(sig.items())[:4] + [("qr_ptr", "*i8"), ("sr_ptr", "*fp32"), ("qc_ptr", "*i8"), ("sc_ptr", "*fp32")]
+           + list(sig.items())[4:])
+out["rowcol_quantize"] = build(m._rowcol_quantize_kernel, sig, consts, list(sig)[:8], num_warps=4)
 print(json.dumps(out))
 """
 
@@ -201,7 +211,8 @@ def test_gpu_configs_compile_for_h100_with_int8_wgmma_and_pipelining(tmp_path):
         # loads software-pipelined, shared memory within the H100's 227 KiB per block
         assert config["wgmma"] == (config["block_m"] >= 64) and config["pipelined"], config
         assert config["shared"] <= 227 * 1024, config
-    assert built["absmax"]["shared"] >= 0 and built["quantize"]["shared"] >= 0  # both compile
+    for kernel in ("absmax", "quantize", "rowcol_absmax", "rowcol_quantize"):
+        assert built[kernel]["shared"] >= 0  # compiles for sm_90
 
 
 # ---- column-wise quantization ----------------------------------------------------------------------
@@ -260,3 +271,51 @@ def test_colwise_zero_columns(impl):
 def test_colwise_bad_input_raises(impl, t, exc, match):
     with pytest.raises(exc, match=match):
         impl(t)
+
+
+# ---- per-row and per-column codes of one tensor (quantize_rowcol_int8) ------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 33), (64, 64), (70, 130)], ids=lambda s: f"R{s[0]}-C{s[1]}")
+@pytest.mark.parametrize("with_col_scale", [False, True], ids=["", "col-scale"])
+def test_rowcol_triton_is_bit_exact(shape, dtype, with_col_scale):
+    t = (torch.randn(shape) * 3).to(dtype)
+    t[:, 0] = 0  # an all-zero column
+    if shape[0] > 1:
+        t[1] = 0  # an all-zero row
+    col_scale = torch.rand(shape[1]) + 0.5 if with_col_scale else None
+    got, ref = quantize_rowcol_int8_triton(t, col_scale), quantize_rowcol_int8_reference(t, col_scale)
+    assert [x.shape for x in got] == [shape, (shape[0],), (shape[1], shape[0]), (shape[1],)]
+    assert got[2].is_contiguous() and got[0].dtype == got[2].dtype == torch.int8
+    assert all(map(torch.equal, got, ref))
+    assert all(map(torch.equal, quantize_rowcol_int8(t, col_scale), ref))  # CPU: the reference
+
+
+def test_rowcol_reference_is_the_two_quantizers():
+    t, cs = torch.randn(9, 13), torch.rand(13) + 0.5
+    q_row, s_row, q_col, s_col = quantize_rowcol_int8_reference(t, cs)
+    assert all(map(torch.equal, (q_row, s_row), quantize_rowwise_int8_reference(t, col_scale=cs)))
+    assert all(map(torch.equal, (q_col, s_col), quantize_colwise_int8_reference(t)))
+
+
+def test_rowcol_triton_takes_strided_input():
+    t = torch.randn(30, 40).T  # column-major [40, 30]
+    assert all(map(torch.equal, quantize_rowcol_int8_triton(t), quantize_rowcol_int8_reference(t)))
+
+
+ROWCOL_IMPLS = {"reference": quantize_rowcol_int8_reference, "triton": quantize_rowcol_int8_triton}
+
+
+@pytest.mark.parametrize("impl", ROWCOL_IMPLS.values(), ids=ROWCOL_IMPLS.keys())
+@pytest.mark.parametrize(
+    "t, col_scale, exc, match",
+    [
+        (torch.randn(5), None, ValueError, r"must be 2-D \[R, C\] with R >= 1, got shape \(5,\)"),
+        (torch.randn(3, 0), None, ValueError, r"w must be 2-D \[N, K\] with K >= 1, got shape \(3, 0\)"),
+        (torch.ones(3, 4, dtype=torch.float64), None, TypeError, "t.dtype=torch.float64, expected float32"),
+        (torch.ones(3, 4), torch.ones(5), ValueError, r"col_scale must be float32 \[4\]"),
+    ],
+    ids=["1d", "no-columns", "fp64", "col-scale"],
+)
+def test_rowcol_bad_input_raises(impl, t, col_scale, exc, match):
+    with pytest.raises(exc, match=match):
+        impl(t, col_scale)
