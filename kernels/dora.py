@@ -7,8 +7,10 @@ the kernel instead forms each ``[BLOCK_N, BLOCK_K]`` tile of ``B @ A`` in regist
 The base comes in dense (the caller dequantizes it); reading NF4/int codes directly is left to a
 later flag.
 
-``dora_scale_bias`` is the layer's output epilogue, ``y = pre * scale + bias`` for the ``[M, N]``
-pre-scale output: one pass in fp32 (eager PyTorch makes four: upcast, multiply, add, downcast).
+``dora_lora_scale`` is the unfused layer's output epilogue after the base GEMM:
+``y = (x W.T + xa (sB).T) * scale + bias`` in one pass, the rank-r term formed per tile (eager
+PyTorch would write the ``[M, N]`` rank-r product and make four more passes: add, upcast, multiply,
+downcast). ``dora_row_scale`` is the backward's ``c W``, one pass over the weight.
 
 ``dora_linear`` is the whole forward product in one GEMM: ``pre = x W.T + xa (sB).T`` (the LoRA
 output added in the epilogue, a second small-K ``tl.dot`` with ``r <= 64``), stored once in x's
@@ -42,9 +44,6 @@ __all__ = [
     "dora_row_scale",
     "dora_row_scale_reference",
     "dora_row_scale_triton",
-    "dora_scale_bias",
-    "dora_scale_bias_reference",
-    "dora_scale_bias_triton",
 ]
 
 _MAX_RANK = 64  # B @ A tiles keep all r columns of B in registers
@@ -177,67 +176,27 @@ def dora_column_norm(
     return dora_column_norm_reference(w, lora_A, lora_B, magnitude, scaling)
 
 
-# ---- the output epilogue ---------------------------------------------------------------------
-def dora_scale_bias_reference(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``pre [M, N] * scale [N] (+ bias [N])`` in fp32 (fp64 for fp64 ``pre``), one rounding to ``out_dtype``."""
-    acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
-    out = pre.to(acc) * scale.to(acc)
-    return (out if bias is None else out + bias.to(acc)).to(out_dtype)
-
-
+# ---- the backward's row-scaled weight: c W ----------------------------------------------------
 @triton.jit
-def _dora_scale_bias_kernel(
-    pre_ptr, s_ptr, b_ptr, y_ptr, M, N,
-    HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-    out = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SCALE_ROWS:  # dora_row_scale: a weight [M, N] times scale [M]
-        out = out * tl.load(s_ptr + rows, mask=row_ok)[:, None]
-    else:
-        out = out * tl.load(s_ptr + cols, mask=col_ok)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+def _dora_row_scale_kernel(w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    offs = rows[:, None] * K + cols[None, :]
+    out = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr + rows, mask=row_ok)[:, None]
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_op("quantframe::dora_scale_bias", mutates_args=())
-def _dora_scale_bias_op(
-    pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype, scale_rows: bool = False
-) -> Tensor:
-    """Contiguous ``pre [M, N]``, fp32 ``scale`` ``[N]`` (``[M]`` with ``scale_rows``); checked by
-    :func:`dora_scale_bias_triton` / :func:`dora_row_scale_triton`."""
-    m, n = pre.shape
-    y = torch.empty((m, n), dtype=out_dtype, device=pre.device)
+@triton_op("quantframe::dora_row_scale", mutates_args=())
+def _dora_row_scale_op(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Contiguous ``w [N, K]``, fp32 ``scale [N]``; checked by :func:`dora_row_scale_triton`."""
+    n, k = w.shape
+    y = torch.empty((n, k), dtype=out_dtype, device=w.device)
     if y.numel():
-        grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
-        wrap_triton(_dora_scale_bias_kernel)[grid](
-            pre, scale, bias if bias is not None else scale, y, m, n,
-            HAS_BIAS=bias is not None, SCALE_ROWS=scale_rows, BLOCK_M=16, BLOCK_N=256,
-        )  # fmt: skip
+        grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
+        wrap_triton(_dora_row_scale_kernel)[grid](w, scale, y, n, k, BLOCK_N=16, BLOCK_K=256)
     return y
-
-
-def dora_scale_bias_triton(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """Triton version of :func:`dora_scale_bias_reference` for fp32/fp16/bf16 ``pre`` (one pass)."""
-    if pre.dim() != 2 or scale.shape != (pre.shape[1],) or (bias is not None and bias.shape != scale.shape):
-        got = (tuple(pre.shape), tuple(scale.shape), None if bias is None else tuple(bias.shape))
-        raise ValueError(f"dora_scale_bias: expected pre [M, N], scale [N], bias [N] or None, got shapes {got}")
-    if pre.dtype not in _FLOAT_DTYPES[:3]:
-        raise TypeError(f"dora_scale_bias_triton: pre.dtype={pre.dtype}, expected float32, float16 or bfloat16")
-    return torch.ops.quantframe.dora_scale_bias(pre.contiguous(), scale.float().contiguous(), bias, out_dtype)
-
-
-def dora_scale_bias(pre: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """``pre * scale (+ bias)`` -> ``out_dtype``: one Triton pass on CUDA (not fp64), else the reference."""
-    if use_triton(pre) and pre.dtype != torch.float64:
-        return dora_scale_bias_triton(pre, scale, bias, out_dtype)
-    return dora_scale_bias_reference(pre, scale, bias, out_dtype)
 
 
 def dora_row_scale_reference(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -254,7 +213,7 @@ def dora_row_scale_triton(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> T
         raise ValueError(f"dora_row_scale: expected w [N, K], scale [N], got shapes {got[0]}, {got[1]}")
     if w.dtype not in _FLOAT_DTYPES[:3]:
         raise TypeError(f"dora_row_scale_triton: w.dtype={w.dtype}, expected float32, float16 or bfloat16")
-    return torch.ops.quantframe.dora_scale_bias(w.contiguous(), scale.float().contiguous(), None, out_dtype, True)
+    return torch.ops.quantframe.dora_row_scale(w.contiguous(), scale.float().contiguous(), out_dtype)
 
 
 def dora_row_scale(w: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:

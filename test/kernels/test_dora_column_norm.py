@@ -16,9 +16,6 @@ from quantframe.kernels.dora import (
     dora_row_scale,
     dora_row_scale_reference,
     dora_row_scale_triton,
-    dora_scale_bias,
-    dora_scale_bias_reference,
-    dora_scale_bias_triton,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 math either way
@@ -87,33 +84,6 @@ def test_doralinear_through_triton_matches_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for got, ref in zip(g, g_ref):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-# ---- the output epilogue: y = pre * scale + bias ----------------------------------------------
-@pytest.mark.parametrize("pre_dtype, out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
-                                                  (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
-def test_scale_bias_triton_matches_reference(pre_dtype, out_dtype, has_bias):
-    pre = (torch.randn(37, 300) * 5).to(pre_dtype)  # M, N off the 16 x 256 tile
-    scale, bias = torch.rand(300) + 0.5, (torch.randn(300).to(pre_dtype) if has_bias else None)
-    y = dora_scale_bias_triton(pre, scale, bias, out_dtype)
-    ref = dora_scale_bias_reference(pre, scale, bias, out_dtype)
-    assert y.dtype == out_dtype and y.shape == (37, 300)
-    if out_dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest)
-        torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=2**-7)
-    else:
-        assert torch.equal(y, ref)  # the same fp32 multiply-add, one rounding
-    assert torch.equal(dora_scale_bias(pre, scale, bias, out_dtype), ref)  # CPU: the reference
-
-
-def test_scale_bias_reference_keeps_fp64_and_rejects_bad_shapes():
-    pre = torch.randn(3, 4, dtype=torch.float64)
-    y = dora_scale_bias(pre, torch.ones(4, dtype=torch.float64) * 2, None, torch.float64)
-    assert y.dtype == torch.float64 and torch.equal(y, pre * 2)
-    with pytest.raises(ValueError, match=r"expected pre \[M, N\], scale \[N\], bias \[N\] or None"):
-        dora_scale_bias_triton(torch.randn(3, 4), torch.ones(5), None, torch.float32)
-    with pytest.raises(TypeError, match="pre.dtype=torch.float64"):
-        dora_scale_bias_triton(pre, torch.ones(4), None, torch.float64)
 
 
 # ---- the backward's row-scaled weight: c W ----------------------------------------------------
