@@ -70,7 +70,8 @@ def _check_args(w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor) ->
 def dora_column_norm_reference(
     w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
 ) -> tuple[Tensor, Tensor]:
-    """``(norm, scale)``, both ``[N]``: ``norm = ||w + scaling * lora_B @ lora_A||_2`` per row, ``scale = magnitude / norm``.
+    """``(norm, scale)``, both ``[N]``: ``norm = ||w + scaling * lora_B @ lora_A||_2`` per row,
+    ``scale = magnitude / norm``.
 
     ``w`` ``[N, K]``, ``lora_A`` ``[r, K]``, ``lora_B`` ``[N, r]``, ``magnitude`` ``[N]``, any float
     dtypes; math and results in fp32 (fp64 if ``w`` is fp64). No gradient flows (DoRA's norm is a
@@ -137,7 +138,9 @@ def _dora_column_norm_kernel(
 
 
 @triton_op("quantframe::dora_column_norm", mutates_args=())
-def _dora_column_norm_op(w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+def _dora_column_norm_op(
+    w: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
     """Contiguous inputs, already checked by :func:`dora_column_norm_triton`."""
     (n, k), r = w.shape, lora_A.shape[0]
     norm = torch.empty((n,), dtype=torch.float32, device=w.device)
