@@ -183,6 +183,7 @@ COMPILED_GRAD_LAYERS = {
     "ternary": _quantized(ternary_weight_only()),
     "bitnet": _quantized(bitnet_training()),
     "int8-mp": _quantized(int8_mixed_precision_training()),
+    "int8-qt": _quantized(int8_weight_only_quantized_training()),
 }
 
 
