@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from . import _weight_mm as wmm
 from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
@@ -436,6 +436,73 @@ def _nf4_dequantize_kernel(
     tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], w, mask=mask_n[:, None])
 
 
+@triton.jit
+def _fp32_plane(lv_ptr, first: tl.constexpr, shift: tl.constexpr):
+    """int32: byte ``shift // 8`` of the fp32 levels ``first .. first + 3``, one a byte."""
+    out = tl.zeros((), dtype=tl.int32)
+    for j in tl.static_range(4):
+        out |= ((tl.load(lv_ptr + first + j).to(tl.int32, bitcast=True) >> shift) & 0xFF) << 8 * j
+    return out
+
+
+@triton.jit
+def _level_bytes(sel, sel2, lv_ptr, shift: tl.constexpr):
+    """Byte ``shift // 8`` of the fp32 levels of the four codes in ``sel``'s nibbles, one a byte."""
+    t0, t1 = _fp32_plane(lv_ptr, 0, shift), _fp32_plane(lv_ptr, 4, shift)
+    t2, t3 = _fp32_plane(lv_ptr, 8, shift), _fp32_plane(lv_ptr, 12, shift)
+    return _lookup4(sel, sel2, t0, t1, t2, t3)
+
+
+@triton.jit
+def _levels_fp32(sel, sel2, lv_ptr):
+    """fp32 levels of the four codes in ``sel``'s nibbles (``sel2``: see ``_nf4_lut_row``), exactly:
+    each byte of the levels by a ``prmt`` lookup in that byte's plane of the table (four int32
+    registers, built from ``lv_ptr`` once and hoisted by the compiler), then a 4 x 4 byte transpose
+    (``prmt`` again) puts each level's four bytes together."""
+    b0, b1 = _level_bytes(sel, sel2, lv_ptr, 0), _level_bytes(sel, sel2, lv_ptr, 8)
+    b2, b3 = _level_bytes(sel, sel2, lv_ptr, 16), _level_bytes(sel, sel2, lv_ptr, 24)
+    lo01 = _prmt(b0, b1, tl.full(sel.shape, 0x5140, tl.int32))  # bytes 0, 1 of codes 0 and 1
+    lo23 = _prmt(b2, b3, tl.full(sel.shape, 0x5140, tl.int32))  # bytes 2, 3 of codes 0 and 1
+    hi01 = _prmt(b0, b1, tl.full(sel.shape, 0x7362, tl.int32))  # the same for codes 2 and 3
+    hi23 = _prmt(b2, b3, tl.full(sel.shape, 0x7362, tl.int32))
+    v0 = _prmt(lo01, lo23, tl.full(sel.shape, 0x5410, tl.int32)).to(tl.float32, bitcast=True)
+    v1 = _prmt(lo01, lo23, tl.full(sel.shape, 0x7632, tl.int32)).to(tl.float32, bitcast=True)
+    v2 = _prmt(hi01, hi23, tl.full(sel.shape, 0x5410, tl.int32)).to(tl.float32, bitcast=True)
+    v3 = _prmt(hi01, hi23, tl.full(sel.shape, 0x7632, tl.int32)).to(tl.float32, bitcast=True)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _nf4_dequantize_words_kernel(
+    c_ptr, s_ptr, lv_ptr, w_ptr,  # as _nf4_dequantize_kernel; W 16-bit, rows of whole int32 pairs
+    N, K,
+    stride_cn, stride_sn, stride_sg,  # stride_cn in bytes; codes rows 4-byte aligned (_weight_mm.word_rows)
+    BLOCK_SIZE: tl.constexpr,  # a power of two >= 16
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 8
+):  # fmt: skip
+    """``_nf4_dequantize_kernel``'s values, bit for bit, with the levels looked up in registers:
+    codes read as int32 words (8 codes), each level by ``_levels_fp32`` (exact fp32), times the block
+    scale in fp32, rounded to W's 16-bit dtype and stored as pairs (one int32 a pair of elements)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    w_idx = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    mask_w = w_idx < K // 8
+    word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
+    mask = mask_n[:, None] & mask_w[None, :]
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (8 * w_idx[None, :] // BLOCK_SIZE) * stride_sg, mask=mask,
+                other=0.0)  # fmt: skip
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    for h in tl.static_range(2):  # nibbles 4h .. 4h + 3: elements 8i + 4h + (1, 0, 3, 2)
+        half = word >> 16 * h
+        v1, v0, v3, v2 = _levels_fp32(half & 0x7777, ((half & 0x8888) >> 1) | 0x3210, lv_ptr)
+        for q in tl.static_range(2):  # the pair of elements 8i + 4h + 2q, + 1
+            a, b = (v0, v1) if q == 0 else (v2, v3)
+            lo = (a * s).to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = (b * s).to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(w32 + offs_n[:, None] * (K // 2) + 4 * w_idx[None, :] + 2 * h + q, lo | hi, mask=mask)
+
+
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
 @triton_op("quantframe::nf4_mm", mutates_args=())
@@ -503,6 +570,11 @@ def nf4_mm_triton(
     return y.reshape(*lead, y.shape[-1])
 
 
+# The prefill path's dequantization with the levels looked up in registers (_nf4_dequantize_words_kernel):
+# off until timed on a GPU against the gathered tiles (M = 4096: 790 us on the H200 in stop 13, bf16 699).
+DEQUANTIZE_WORDS = False
+
+
 def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
     """Triton version of :func:`nf4_dequantize` (bit for bit), one pass writing ``W [N, K]``, for
     block_size a power of two >= 16 dividing K (else ValueError)."""
@@ -510,8 +582,18 @@ def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_si
     if block_size < 16 or block_size & (block_size - 1) or k % block_size:
         raise ValueError(f"nf4_dequantize_triton: block_size={block_size} must be a power of two >= 16 dividing K={k}")
     scale = scale.float().reshape(n, k // block_size)
+    levels = levels.float().contiguous()
+    if DEQUANTIZE_WORDS and dtype in (torch.bfloat16, torch.float16) and wmm.word_rows(codes, 8, k):
+        w = torch.empty((n, k), dtype=dtype, device=codes.device)
+        if w.numel():
+            grid = (triton.cdiv(n, 32), triton.cdiv(k, 512))
+            wrap_triton(_nf4_dequantize_words_kernel)[grid](
+                codes, scale, levels, w, n, k, codes.stride(0), *scale.stride(), BLOCK_SIZE=block_size,
+                BLOCK_N=32, BLOCK_K=512,
+            )  # fmt: skip
+        return w
     return wmm.launch_dequantize(
-        _nf4_dequantize_kernel, (codes, scale, levels.float().contiguous()), (*codes.stride(), *scale.stride()),
+        _nf4_dequantize_kernel, (codes, scale, levels), (*codes.stride(), *scale.stride()),
         n, k, dtype, min(128, block_size), BLOCK_SIZE=block_size,
     )  # fmt: skip
 

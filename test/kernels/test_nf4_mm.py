@@ -153,6 +153,18 @@ def test_dequantize_triton_matches_reference(block_size, dtype):
     assert torch.equal(nf4_dequantize(codes, scale, LEVELS, block_size, dtype), ref.to(dtype))  # CPU: torch ops
 
 
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n, k", [(40, 1024), (33, 1280)], ids=["N40-K1024", "N33-K1280"])  # K1280: a part tile
+def test_dequantize_words_kernel_equals_the_gathered_tiles(monkeypatch, n, k, block_size, dtype):
+    # DEQUANTIZE_WORDS: levels by prmt from four byte planes (exact fp32), pairs stored as int32
+    codes, scale = _weight(n, k, block_size)
+    gathered = nf4_dequantize_triton(codes, scale, LEVELS, block_size, dtype)
+    monkeypatch.setattr(nf4_mm_module, "DEQUANTIZE_WORDS", True)
+    words = nf4_dequantize_triton(codes, scale, LEVELS, block_size, dtype)
+    assert torch.equal(words, gathered)
+
+
 @pytest.mark.parametrize("block_size", [8, 48, 512])
 def test_dequantize_triton_rejects_blocks_the_kernel_cannot_take(block_size):
     codes, scale = _weight(8, 96 if block_size == 48 else 256, block_size if block_size != 512 else 256)
@@ -299,6 +311,16 @@ def test_words_rows_match_reference_on_cuda(words):
     levels = _level_table(q.device) if words == 1 else _level_table(q.device).half().float()
     y_ref = nf4_mm_reference(x, q.codes, q.block_scales(), levels, block_size)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dequantize_words_kernel_equals_the_gathered_tiles_on_cuda(monkeypatch, dtype):
+    q = NF4Tensor.from_float(torch.randn(4096, 4096, device="cuda") * 0.02)
+    args = (q.codes, q.block_scales(), _level_table(q.device), q.block_size, dtype)
+    gathered = nf4_dequantize_triton(*args)
+    monkeypatch.setattr(nf4_mm_module, "DEQUANTIZE_WORDS", True)
+    assert torch.equal(nf4_dequantize_triton(*args), gathered)  # both round the fp32 product once
 
 
 # ---- one row of codes read as int32 words (_nf4_words_row, _nf4_lut_row) ----------------------
