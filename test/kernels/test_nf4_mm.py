@@ -153,9 +153,11 @@ def test_dequantize_triton_matches_reference(block_size, dtype):
     assert torch.equal(nf4_dequantize(codes, scale, LEVELS, block_size, dtype), ref.to(dtype))  # CPU: torch ops
 
 
-@pytest.mark.parametrize("block_size", [16, 64, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n, k", [(40, 1024), (33, 1280)], ids=["N40-K1024", "N33-K1280"])  # K1280: a part tile
+@pytest.mark.parametrize(
+    "n, k, block_size, dtype",  # K 1280: a part tile of 512
+    [(40, 1024, 64, torch.bfloat16), (33, 1280, 16, torch.float16), (33, 1280, 256, torch.bfloat16)],
+    ids=["N40-K1024-bs64-bf16", "N33-K1280-bs16-fp16", "N33-K1280-bs256-bf16"],
+)
 def test_dequantize_words_kernel_equals_the_gathered_tiles(monkeypatch, n, k, block_size, dtype):
     # DEQUANTIZE_WORDS: levels by prmt from four byte planes (exact fp32), pairs stored as int32
     codes, scale = _weight(n, k, block_size)
