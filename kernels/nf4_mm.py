@@ -160,44 +160,6 @@ def _nf4_levels_tile(
     return tl.load(lv_ptr + q)  # gather from the 16-entry table (one cache line)
 
 
-@triton.jit
-def _nf4_words_row(
-    x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """fp32 ``[BLOCK_N, 1]`` = one row of x times NF4 codes read as int32 words (``codes`` rows
-    4-byte aligned, ``K % 8 == 0``; ``stride_cn`` in bytes), K tiles of several scale blocks.
-
-    Word ``i`` holds elements ``8i .. 8i + 7``; bits ``4p .. 4p + 3`` are element ``8i + (p ^ 1)`` (the
-    high nibble of a byte is the even element). The nibbles are never interleaved back into K order:
-    x is read in the words' order instead; each block's words are summed, then scaled (as
-    ``affine_mm._int4_words_row``, whose long K tiles took the 4-bit GEMV from 30 to 17 us on H200)."""
-    offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
-    acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
-    for k0 in range(0, K, BLOCK_K):
-        w_idx = k0 // 8 + offs_w
-        mask_w = w_idx < K // 8
-        word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
-        part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        for p in tl.static_range(8):
-            level = tl.load(lv_ptr + ((word >> 4 * p) & 15))  # gather from the 16-entry table (L1)
-            xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
-            part += level * xj[None, :]  # words past K: code 0 (level -1) meets x = 0
-        if BLOCK_SIZE >= BLOCK_K:
-            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
-            acc += part * s[:, None]
-        else:
-            bs = k0 // BLOCK_SIZE + tl.arange(0, BLOCK_K // BLOCK_SIZE)
-            mask = mask_n[:, None] & (bs < K // BLOCK_SIZE)[None, :]
-            part_b = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // BLOCK_SIZE, BLOCK_SIZE // 8)), axis=2)
-            scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + bs[None, :] * stride_sg, mask=mask, other=0.0)
-            acc_b += part_b * scale
-    if BLOCK_SIZE >= BLOCK_K:
-        return tl.sum(acc, axis=1)[:, None]
-    return tl.sum(acc_b, axis=1)[:, None]
-
-
 _PRMT_ASM = tl.constexpr(not wmm.interpreted())  # the interpreter runs no inline PTX
 
 
@@ -219,11 +181,16 @@ def _prmt(a, b, sel):
 
 
 @triton.jit
-def _plane(lv_ptr, first: tl.constexpr, shift: tl.constexpr):
-    """int32: byte ``shift // 8`` of the fp16 bits of levels ``first .. first + 3``, one a byte."""
+def _table_plane(lv_ptr, first: tl.constexpr, shift: tl.constexpr, FP16: tl.constexpr):
+    """int32: byte ``shift // 8`` of levels ``first .. first + 3`` (their fp16 bits if ``FP16``, else
+    their fp32 bits), one a byte: four entries of one byte plane of the table for ``prmt``."""
     out = tl.zeros((), dtype=tl.int32)
     for j in tl.static_range(4):
-        bits = tl.load(lv_ptr + first + j).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        level = tl.load(lv_ptr + first + j)
+        if FP16:
+            bits = level.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            bits = level.to(tl.int32, bitcast=True)
         out |= ((bits >> shift) & 0xFF) << 8 * j
     return out
 
@@ -236,17 +203,29 @@ def _lookup4(sel, sel2, t0, t1, t2, t3):
 
 
 @triton.jit
-def _nf4_lut_row(
+def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT: tl.constexpr,
 ):  # fmt: skip
-    """``_nf4_words_row`` with the levels looked up in registers instead of gathered from memory:
-    the 16 levels as fp16 (rounding each by at most 2**-12 of itself) are two byte planes of four
-    int32 each; ``prmt`` picks four codes' bytes at once from eight entries (two ``prmt``) and a third
-    ``prmt`` picks between the two eights by each code's top bit; two more interleave the planes into
-    fp16 pairs, converted to fp32 for the FMAs. ~5 sm_90 instructions a code against ~13."""
-    lo0, lo1, lo2, lo3 = _plane(lv_ptr, 0, 0), _plane(lv_ptr, 4, 0), _plane(lv_ptr, 8, 0), _plane(lv_ptr, 12, 0)
-    hi0, hi1, hi2, hi3 = _plane(lv_ptr, 0, 8), _plane(lv_ptr, 4, 8), _plane(lv_ptr, 8, 8), _plane(lv_ptr, 12, 8)
+    """fp32 ``[BLOCK_N, 1]`` = one row of x times NF4 codes read as int32 words (``codes`` rows
+    4-byte aligned, ``K % 8 == 0``; ``stride_cn`` in bytes), K tiles of several scale blocks.
+
+    Word ``i`` holds elements ``8i .. 8i + 7``; bits ``4p .. 4p + 3`` are element ``8i + (p ^ 1)`` (the
+    high nibble of a byte is the even element). The nibbles are never interleaved back into K order:
+    x is read in the words' order instead; each block's words are summed, then scaled (as
+    ``affine_mm._int4_words_row``, whose long K tiles took the 4-bit GEMV from 30 to 17 us on H200).
+
+    The levels: ``LUT`` False gathers them from the 16-entry table (L1); ``LUT`` True looks them up
+    in registers: the 16 levels as fp16 (rounding each by at most 2**-12 of itself) are two byte
+    planes of four int32 each; ``prmt`` picks four codes' bytes at once from eight entries (two
+    ``prmt``) and a third picks between the two eights by each code's top bit; two more interleave
+    the planes into fp16 pairs, converted to fp32 for the FMAs (sm_90: 6.2-8.3 loop instructions a
+    code against 12.7 gathering)."""
+    if LUT:
+        lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
+        lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
+        hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
+        hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
     acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
@@ -255,19 +234,25 @@ def _nf4_lut_row(
         mask_w = w_idx < K // 8
         word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word: elements (4h + j) ^ 1
-            half = word >> 16 * h
-            sel = half & 0x7777
-            sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
-            lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
-            hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
-            for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
-                pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
-                for r in tl.static_range(2):
-                    level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    p = 4 * h + 2 * q + r
-                    xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
-                    part += level * xj[None, :]  # words past K: code 0 meets x = 0
+        if LUT:
+            for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word
+                half = word >> 16 * h
+                sel = half & 0x7777
+                sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
+                lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
+                hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
+                for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
+                    pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
+                    for r in tl.static_range(2):
+                        level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                        p = 4 * h + 2 * q + r
+                        xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0)
+                        part += level * xj.to(tl.float32)[None, :]  # words past K: code 0 meets x = 0
+        else:
+            for p in tl.static_range(8):
+                level = tl.load(lv_ptr + ((word >> 4 * p) & 15))  # gather from the 16-entry table (L1)
+                xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+                part += level * xj[None, :]  # words past K: code 0 (level -1) meets x = 0
         if BLOCK_SIZE >= BLOCK_K:
             s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
             acc += part * s[:, None]
@@ -287,7 +272,7 @@ _GEMV_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32,
 # autotuner beside the byte tiles above (not yet timed on a GPU: sm_90 SASS ~12 instructions a code,
 # against ~13 for the byte tiles, whose K tiles cannot pass a 64-code block).
 _WORDS_SHAPES = [(16, 512), (16, 1024), (8, 1024)]
-# _nf4_lut_row (WORDS 2): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at 8 / 16 / 32 x 1,024 (gathered
+# WORDS 2 (_nf4_words_row's LUT: levels by prmt): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at 8 / 16 / 32 x 1,024 (gathered
 # levels: 12.7 at 8 x 1,024, the tile the autotuner kept on the H200 at 108.8 us); no spills at 32 x 1,024
 _LUT_SHAPES = [*_WORDS_SHAPES, (32, 1024), (16, 2048)]
 
@@ -330,7 +315,7 @@ def _nf4_gemv_kernel(
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE (byte tiles) or is a multiple of it (words tiles)
-    WORDS: tl.constexpr,  # codes as int32 words: 1 levels gathered (_nf4_words_row), 2 by prmt (_nf4_lut_row)
+    WORDS: tl.constexpr,  # codes as int32 words (_nf4_words_row): 1 levels gathered, 2 levels by prmt
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -338,17 +323,10 @@ def _nf4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    if WORDS == 2:
-        acc = _nf4_lut_row(
-            x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,
-            BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
-        return
     if WORDS:
         acc = _nf4_words_row(
             x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,
-            BLOCK_N, BLOCK_K,
+            BLOCK_N, BLOCK_K, WORDS == 2,
         )  # fmt: skip
         bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
         return
@@ -437,25 +415,16 @@ def _nf4_dequantize_kernel(
 
 
 @triton.jit
-def _fp32_plane(lv_ptr, first: tl.constexpr, shift: tl.constexpr):
-    """int32: byte ``shift // 8`` of the fp32 levels ``first .. first + 3``, one a byte."""
-    out = tl.zeros((), dtype=tl.int32)
-    for j in tl.static_range(4):
-        out |= ((tl.load(lv_ptr + first + j).to(tl.int32, bitcast=True) >> shift) & 0xFF) << 8 * j
-    return out
-
-
-@triton.jit
 def _level_bytes(sel, sel2, lv_ptr, shift: tl.constexpr):
     """Byte ``shift // 8`` of the fp32 levels of the four codes in ``sel``'s nibbles, one a byte."""
-    t0, t1 = _fp32_plane(lv_ptr, 0, shift), _fp32_plane(lv_ptr, 4, shift)
-    t2, t3 = _fp32_plane(lv_ptr, 8, shift), _fp32_plane(lv_ptr, 12, shift)
+    t0, t1 = _table_plane(lv_ptr, 0, shift, False), _table_plane(lv_ptr, 4, shift, False)
+    t2, t3 = _table_plane(lv_ptr, 8, shift, False), _table_plane(lv_ptr, 12, shift, False)
     return _lookup4(sel, sel2, t0, t1, t2, t3)
 
 
 @triton.jit
 def _levels_fp32(sel, sel2, lv_ptr):
-    """fp32 levels of the four codes in ``sel``'s nibbles (``sel2``: see ``_nf4_lut_row``), exactly:
+    """fp32 levels of the four codes in ``sel``'s nibbles (``sel2``: see ``_nf4_words_row``), exactly:
     each byte of the levels by a ``prmt`` lookup in that byte's plane of the table (four int32
     registers, built from ``lv_ptr`` once and hoisted by the compiler), then a 4 x 4 byte transpose
     (``prmt`` again) puts each level's four bytes together."""

@@ -325,7 +325,7 @@ def test_dequantize_words_kernel_equals_the_gathered_tiles_on_cuda(monkeypatch, 
     assert torch.equal(nf4_dequantize_triton(*args), gathered)  # both round the fp32 product once
 
 
-# ---- one row of codes read as int32 words (_nf4_words_row, _nf4_lut_row) ----------------------
+# ---- one row of codes read as int32 words (_nf4_words_row: gathered levels or LUT) ----------------------
 @pytest.mark.parametrize("words", [1, 2], ids=["gather", "prmt"])
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 512)])
