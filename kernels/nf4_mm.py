@@ -272,8 +272,9 @@ _GEMV_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32,
 # autotuner beside the byte tiles above (not yet timed on a GPU: sm_90 SASS ~12 instructions a code,
 # against ~13 for the byte tiles, whose K tiles cannot pass a 64-code block).
 _WORDS_SHAPES = [(16, 512), (16, 1024), (8, 1024)]
-# WORDS 2 (_nf4_words_row's LUT: levels by prmt): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at 8 / 16 / 32 x 1,024 (gathered
-# levels: 12.7 at 8 x 1,024, the tile the autotuner kept on the H200 at 108.8 us); no spills at 32 x 1,024
+# WORDS 2 (_nf4_words_row's LUT: levels by prmt): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at
+# 8 / 16 / 32 x 1,024 (gathered levels: 12.7 at 8 x 1,024, the tile the autotuner kept on the H200 at
+# 108.8 us); no spills at 32 x 1,024
 _LUT_SHAPES = [*_WORDS_SHAPES, (32, 1024), (16, 2048)]
 
 
