@@ -78,6 +78,23 @@ def load_words(p_ptr, offs_n, mask_n, w_idx, n_words, stride_bytes):
     return tl.load(p32 + offs_n[:, None] * (stride_bytes // 4) + w_idx[None, :], mask=mask, other=0)
 
 
+_DP4A_ASM = tl.constexpr(not interpreted())  # the interpreter runs no inline PTX
+
+
+@triton.jit
+def dp4a(a, b, c):
+    """int32 ``c + sum_j a_j * b_j`` over the four signed bytes ``j`` of ``a`` and ``b`` (PTX ``dp4a``:
+    four int8 products and their sum in one instruction); the interpreter gets the same sum by shifts."""
+    if _DP4A_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    out = c
+    for j in tl.static_range(4):
+        out += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)  # sign-extended bytes j
+    return out
+
+
 def words_configs(configs: list, kwargs: dict) -> list:
     """The configs with ``WORDS`` set, where the launch allows them (one row, ``WORDS_OK``), else none."""
     if not (kwargs["WORDS_OK"] and kwargs["BLOCK_M"] == 1):

@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import use_triton
+# dp4a, load_words: bare names (inductor resolves a user kernel's jit helpers by name)
+from ._weight_mm import dp4a, load_words, word_rows
 # round_half_even: a bare name (inductor resolves a user kernel's jit helpers by name)
 from .int8_rowwise import _check_args as _check_rowwise_args
 from .int8_rowwise import quantize_rowwise_int8_reference, round_half_even
@@ -205,6 +207,49 @@ def _int8_scaled_mm_kernel(
     tl.store(c, out.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# ---- one row (decode): a GEMV of int32 words, four int8 products a dp4a ----------------------
+# Off until timed on a GPU against the GEMM's 32-row tiles at one row (W8A8, M = 1: 33 us on the H200
+# for 14336 x 4096, bf16 30.9, the int8 weight's read 14 us): `benchmarks/linear_latency.py` has a row.
+GEMV_ONE_ROW = False
+
+
+def _gemv_configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    shapes = [(16, 1024), (32, 512), (32, 1024), (64, 512), (16, 2048)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n, k in shapes]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K"])
+@triton.jit
+def _int8_gemv_kernel(
+    a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr,  # as _int8_scaled_mm_kernel, one row of a
+    N, K, stride_bn,  # stride_bn in bytes; a and b rows of whole, 4-byte-aligned int32 words (K % 4 == 0)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 4
+):  # fmt: skip
+    """``c [1, N]`` of :func:`int8_scaled_mm` for one row of ``a``: each program streams ``BLOCK_N``
+    rows of ``b`` as int32 words and multiplies each with the matching word of ``a`` in one ``dp4a``
+    (exact int32 sums); the GEMM's epilogue, bit for bit."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 4).to(tl.int64)
+    a32 = a_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        w_idx = k0 // 4 + offs_w
+        words = load_words(b_ptr, offs_n, mask_n, w_idx, K // 4, stride_bn)  # 0 past K and N
+        aw = tl.load(a32 + w_idx, mask=w_idx < K // 4, other=0)
+        acc = dp4a(words, tl.broadcast_to(aw[None, :], words.shape), acc)
+    offs_m = tl.arange(0, 1)
+    out = tl.sum(acc, axis=1)[None, :].to(tl.float32) * tl.load(as_ptr + offs_m)[:, None]
+    out = out * tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
 # triton_op + wrap_triton: torch.compile traces the kernel instead of graph-breaking (on a GPU;
 # under TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
 @triton_op("quantframe::int8_scaled_mm", mutates_args=())
@@ -218,6 +263,12 @@ def _int8_scaled_mm_op(
         return c
     if k == 0:
         return c.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(c))
+    if GEMV_ONE_ROW and m == 1 and word_rows(a, 4, k) and word_rows(b, 4, k) and c.stride(1) == 1:
+        wrap_triton(_int8_gemv_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            a, b, a_scale, b_scale, bias if bias is not None else a_scale, c, n, k, b.stride(0),
+            HAS_BIAS=bias is not None,
+        )  # fmt: skip
+        return c
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(_int8_scaled_mm_kernel)[grid](
         a, b, a_scale, b_scale,

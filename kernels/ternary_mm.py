@@ -31,8 +31,8 @@ from quantframe import primitives as P
 
 from . import use_triton
 from . import _weight_mm as wmm
-# load_words, round_half_even: bare names (inductor resolves a user kernel's jit helpers by name)
-from ._weight_mm import DENSE_MIN_ROWS, load_words, rows
+# dp4a, load_words, round_half_even: bare names (inductor resolves a user kernel's jit helpers by name)
+from ._weight_mm import DENSE_MIN_ROWS, dp4a, load_words, rows
 from .int8_rowwise import round_half_even
 
 __all__ = ["ternary_mm", "ternary_mm_dense", "ternary_mm_reference", "ternary_mm_triton", "ternary_unpack_triton"]
@@ -146,31 +146,14 @@ def _ternary_words_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, magic, BLOCK_
     return tl.sum(acc, axis=1)[:, None]
 
 
-_DP4A_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # the interpreter runs no inline PTX
-
-
-@triton.jit
-def _dp4a(a, b, c):
-    """int32 ``c + sum_j a_j * b_j`` over the four signed bytes ``j`` of ``a`` and ``b`` (PTX ``dp4a``:
-    four int8 products and their sum in one instruction); the interpreter gets the same sum by shifts."""
-    if _DP4A_ASM:
-        return tl.inline_asm_elementwise(
-            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
-        )
-    out = c
-    for j in tl.static_range(4):
-        out += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)  # sign-extended bytes j
-    return out
-
-
 @triton.jit
 def _dp4a_codes(word, t: tl.constexpr, xt, acc, x_sum):
     """``acc += codes . x`` and ``x_sum += sum(x)`` for the four codes ``t`` of each byte of ``word``
     (``(word >> 2t) & 0x03030303``: elements ``16i + t + {0, 4, 8, 12}``, one a byte) and ``xt``, the
     int8 x codes of those elements packed in the same byte order (one ``dp4a`` each)."""
     codes = (word >> 2 * t) & 0x03030303
-    acc = _dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
-    return acc, _dp4a(tl.full(xt.shape, 0x01010101, tl.int32), xt, x_sum)
+    acc = dp4a(codes, tl.broadcast_to(xt[None, :], codes.shape), acc)
+    return acc, dp4a(tl.full(xt.shape, 0x01010101, tl.int32), xt, x_sum)
 
 
 @triton.jit

@@ -319,3 +319,49 @@ ROWCOL_IMPLS = {"reference": quantize_rowcol_int8_reference, "triton": quantize_
 def test_rowcol_bad_input_raises(impl, t, col_scale, exc, match):
     with pytest.raises(exc, match=match):
         impl(t, col_scale)
+
+
+# ---- one row: the dp4a GEMV (GEMV_ONE_ROW) ------------------------------------------------------
+@pytest.mark.parametrize(
+    "n, k, has_bias, out_dtype",
+    [(37, 1024, False, torch.bfloat16), (40, 300, True, torch.float32), (5, 4, True, torch.float16)],
+    ids=["N37-K1024-bf16", "N40-K300-bias-fp32", "N5-K4-bias-fp16"],
+)
+def test_one_row_gemv_equals_the_gemm(monkeypatch, n, k, has_bias, out_dtype):
+    a, b = torch.randint(-127, 128, (1, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    a_scale, b_scale = torch.rand(1) + 0.1, torch.rand(n) + 0.1
+    bias = torch.randn(n) if has_bias else None
+    gemm = int8_scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype)
+    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
+    launched = []
+    monkeypatch.setattr(int8_mm, "_int8_scaled_mm_kernel", _Spy(int8_mm._int8_scaled_mm_kernel, launched))
+    gemv = int8_scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype)
+    assert not launched  # the GEMV ran, not the GEMM
+    assert torch.equal(gemv, gemm)  # exact int32 sums, the same epilogue
+
+
+class _Spy:
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_row_gemv_needs_aligned_word_rows(monkeypatch):
+    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
+    a, b = torch.randint(-127, 128, (1, 6), dtype=torch.int8), torch.randint(-127, 128, (3, 6), dtype=torch.int8)
+    y = int8_scaled_mm_triton(a, b, torch.ones(1), torch.ones(3), None, torch.float32)  # K % 4: the GEMM
+    assert torch.equal(y, int8_scaled_mm_reference(a, b, torch.ones(1), torch.ones(3), None, torch.float32))
+
+
+@pytest.mark.gpu
+def test_one_row_gemv_equals_the_gemm_on_cuda(monkeypatch):
+    # the PTX dp4a on a real GPU: the same int32 sums as the INT8 tensor cores
+    a = torch.randint(-127, 128, (1, 4096), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (14336, 4096), dtype=torch.int8, device="cuda")
+    a_scale, b_scale = torch.rand(1, device="cuda") + 0.1, torch.rand(14336, device="cuda") + 0.1
+    gemm = int8_scaled_mm_triton(a, b, a_scale, b_scale, None, torch.bfloat16)
+    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
+    assert torch.equal(int8_scaled_mm_triton(a, b, a_scale, b_scale, None, torch.bfloat16), gemm)
