@@ -207,13 +207,20 @@ def _gemv_configs() -> list[triton.Config]:
     )
 
 
+# The dp4a tiles (WORDS 2) join the autotuner's list only when this is on: a kernel the autotuner keeps
+# for being fast must first have been checked on a GPU (test_ternary_mm.py::
+# test_one_token_paths_match_the_byte_path_on_cuda), which has not run yet (written in stop 15).
+DP4A_GEMV = False
+
+
 def _prune_gemv(configs, named_args, **kwargs):
     """The ``[BLOCK_N, BLOCK_K, BLOCK_M]`` int32 product must fit in registers (<= 64 a thread at 4
     warps); the words tiles (fp32 tiles of ``BLOCK_K / 16`` per row) only for one row of aligned
-    codes (``WORDS_OK``)."""
+    codes (``WORDS_OK``), the dp4a ones only with ``DP4A_GEMV``."""
     plain = [c for c in configs if not c.kwargs["WORDS"]]
     fit = [c for c in plain if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
-    return (fit or plain[:1]) + wmm.words_configs(configs, kwargs)
+    words = [c for c in wmm.words_configs(configs, kwargs) if c.kwargs["WORDS"] != 2 or DP4A_GEMV]
+    return (fit or plain[:1]) + words
 
 
 @triton.autotune(

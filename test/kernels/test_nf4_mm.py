@@ -360,3 +360,15 @@ def test_words_tiles_are_offered_only_for_one_aligned_row():
     assert kept(BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True) == [(64, False), (1024, True)]
     assert kept(BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=False) == [(64, False)]
     assert kept(BLOCK_SIZE=64, BLOCK_M=2, WORDS_OK=True) == [(64, False)]
+
+
+def test_prmt_tiles_are_offered_only_with_the_flag(monkeypatch):
+    import triton
+
+    tiles = ((64, 0), (1024, 1), (1024, 2))
+    configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": k, "WORDS": w}, num_warps=4) for k, w in tiles]
+    prune = nf4_mm_module._prune_gemv
+    kept = lambda: [c.kwargs["WORDS"] for c in prune(configs, {}, BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True)]  # noqa: E731
+    assert kept() == [0, 1]
+    monkeypatch.setattr(nf4_mm_module, "LUT_GEMV", True)
+    assert kept() == [0, 1, 2]

@@ -259,3 +259,15 @@ def test_fused_token_gemv_equals_the_two_launches(monkeypatch, k, dtype, has_bia
     assert not launched  # no separate quantization launch
     assert fused.shape == (1, 1, n) and fused.dtype == dtype
     torch.testing.assert_close(fused, unfused, atol=0, rtol=0)  # the same integer sums, the same scales
+
+
+def test_dp4a_tiles_are_offered_only_with_the_flag(monkeypatch):
+    import triton
+
+    tiles = ((64, 0), (1024, 1), (1024, 2))
+    configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": k, "WORDS": w}, num_warps=4) for k, w in tiles]
+    prune = ternary_mm_module._prune_gemv
+    kept = lambda: [c.kwargs["WORDS"] for c in prune(configs, {}, BLOCK_M=1, WORDS_OK=True)]  # noqa: E731
+    assert kept() == [0, 1]
+    monkeypatch.setattr(ternary_mm_module, "DP4A_GEMV", True)
+    assert kept() == [0, 1, 2]
