@@ -14,7 +14,9 @@ NormalFloat4 values (fp32). Each program reads its slice of the packed weight on
   fp32); the tile ``level * scale`` is rounded to x's dtype as a dense 16-bit layer holds it.
 
 Both unpack the nibbles in registers and look the level up with a gather load from the 16-entry
-table (64 bytes, L1-resident). ``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``,
+table (64 bytes, L1-resident); one row of word-aligned codes can instead read int32 words and, behind
+``LUT_GEMV``, look the levels up in registers with ``prmt`` byte permutes (``_nf4_words_row``), as
+the prefill dequantization can behind ``DEQUANTIZE_WORDS`` (``_nf4_dequantize_words_kernel``). ``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``,
 so a ``BLOCK_K`` slice has one scale per row and no tile reaches past ``K``.
 
 Gradient with respect to x (frozen base, QLoRA): no Triton kernel; :func:`nf4_mm_grad_input`

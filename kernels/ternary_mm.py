@@ -10,7 +10,10 @@ The activation codes are computed in torch (the fp32 formula of
 accumulate ``int8 x ternary`` products exactly in int32, then apply ``sx * s`` once per output:
 
 * ``M <= 16`` (decode): ``_ternary_gemv_kernel``, one program per ``BLOCK_N`` outputs holding
-  every row of x, multiply-and-sum on CUDA cores; the weight is read once at 2 bits a value.
+  every row of x, multiply-and-sum on CUDA cores; the weight is read once at 2 bits a value. One
+  row of word-aligned codes can take int32 words (``_ternary_words_row``) and, behind ``DP4A_GEMV``,
+  four products a ``dp4a`` (``_ternary_dp4a_row``); behind ``FUSE_ONE_TOKEN`` one token is
+  quantized inside the GEMV (``_ternary_token_gemv_kernel``, one launch instead of two).
 * more rows: ``_ternary_gemm_kernel``, ``tl.dot`` of int8 tiles into int32 (fp32 tiles under
   the interpreter, exact below 2**24).
 
