@@ -372,3 +372,29 @@ def test_prmt_tiles_are_offered_only_with_the_flag(monkeypatch):
     assert kept() == [0, 1]
     monkeypatch.setattr(nf4_mm_module, "LUT_GEMV", True)
     assert kept() == [0, 1, 2]
+
+
+def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
+    # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
+    # the GPU list that the prune keeps for one aligned row (prmt tiles included), launched here by hand
+    import triton
+
+    monkeypatch.setattr(nf4_mm_module.wmm, "interpreted", lambda: False)
+    configs = nf4_mm_module._gemv_configs()
+    monkeypatch.undo()
+    monkeypatch.setattr(nf4_mm_module, "LUT_GEMV", True)
+    kept = nf4_mm_module._prune_gemv(configs, {}, BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True)
+    assert {c.kwargs["WORDS"] for c in kept} == {False, 1, 2}
+    torch.manual_seed(0)
+    n, k = 20, 2048
+    codes, scale = _weight(n, k, 64)
+    scale2, x = scale.reshape(n, k // 64), torch.randn(1, k)
+    for c in kept:
+        y = torch.empty(1, n)
+        nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
+            x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
+            BLOCK_SIZE=64, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs,
+        )  # fmt: skip
+        levels = LEVELS.half().float() if c.kwargs["WORDS"] == 2 else LEVELS
+        ref = nf4_mm_reference(x, codes, scale, levels, 64)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=lambda m, c=c: f"{c.kwargs}: {m}")

@@ -271,3 +271,30 @@ def test_dp4a_tiles_are_offered_only_with_the_flag(monkeypatch):
     assert kept() == [0, 1]
     monkeypatch.setattr(ternary_mm_module, "DP4A_GEMV", True)
     assert kept() == [0, 1, 2]
+
+
+def test_every_gpu_gemv_config_for_one_row_matches_the_byte_path(monkeypatch):
+    # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
+    # the GPU list that the prune keeps for one aligned row (dp4a tiles included), launched here by hand
+    import triton
+
+    monkeypatch.setattr(ternary_mm_module, "_interpreted", lambda: False)
+    configs = ternary_mm_module._gemv_configs()
+    monkeypatch.undo()
+    monkeypatch.setattr(ternary_mm_module, "DP4A_GEMV", True)
+    kept = ternary_mm_module._prune_gemv(configs, {}, BLOCK_M=1, WORDS_OK=True)
+    assert {c.kwargs["WORDS"] for c in kept} == {False, 1, 2}
+    torch.manual_seed(0)
+    n, k = 20, 2048
+    w = _weight(n, k)
+    x = torch.randn(1, k)
+    codes, sx = ternary_mm_module._quantize_tokens_triton(x)
+    ref = ternary_mm_reference(x, w.packed, w.scale)
+    for c in kept:
+        y = torch.empty(1, n)
+        ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
+            codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
+            HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs,
+        )  # fmt: skip
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5, msg=lambda m, c=c: f"{c.kwargs}: {m}")
