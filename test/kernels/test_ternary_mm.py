@@ -241,7 +241,10 @@ def test_words_tiles_are_offered_only_for_one_aligned_row():
 # ---- one token quantized inside the GEMV (FUSE_ONE_TOKEN) ---------------------------------------
 @pytest.mark.parametrize(
     "k, dtype, has_bias",
-    [(16, torch.float32, False), (256, torch.bfloat16, True), (1040, torch.bfloat16, False), (1040, torch.float32, True)],
+    [
+        (16, torch.float32, False), (256, torch.bfloat16, True), (1040, torch.bfloat16, False),
+        (1040, torch.float32, True),
+    ],  # fmt: skip
     ids=["K16-fp32", "K256-bf16-bias", "K1040-bf16", "K1040-fp32-bias"],
 )
 def test_fused_token_gemv_equals_the_two_launches(monkeypatch, k, dtype, has_bias):
