@@ -202,21 +202,29 @@ def quantframe_fused(fmt: str) -> Callable:
     return build
 
 
+class FlagOn(nn.Module):
+    """``inner`` run with the module flag ``owner.<flag>`` set (an opt-in kernel path, off by default until
+    timed), restored after each call; ``weight`` is the inner layer's, for the accuracy checks."""
+
+    def __init__(self, inner: nn.Module, owner, flag: str) -> None:
+        super().__init__()
+        self.inner, self.weight, self.owner, self.flag = inner, inner.weight, owner, flag
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = getattr(self.owner, self.flag)
+        setattr(self.owner, self.flag, True)
+        try:
+            return self.inner(x)
+        finally:
+            setattr(self.owner, self.flag, before)
+
+
 def quantframe_w8a8_gemv(w):
-    """The eager W8A8 layer with ``int8_mm.GEMV_ONE_ROW`` on while it runs (one row: the dp4a GEMV
-    instead of the GEMM's 32-row tiles; other batch sizes: the eager row's path)."""
+    """The eager W8A8 layer with ``int8_mm.GEMV_ONE_ROW`` on (one row: the dp4a GEMV instead of the
+    GEMM's 32-row tiles; other batch sizes: the eager row's path)."""
     from quantframe.kernels import int8_mm
 
-    layer = quantframe_linear("int8_dynamic_activation_int8_weight", False)(w)
-
-    def run(x):
-        int8_mm.GEMV_ONE_ROW = True
-        try:
-            return layer(x)
-        finally:
-            int8_mm.GEMV_ONE_ROW = False
-
-    return run
+    return FlagOn(quantframe_linear("int8_dynamic_activation_int8_weight", False)(w), int8_mm, "GEMV_ONE_ROW")
 
 
 _QF_FORMATS = {  # format: (factory, kwargs)

@@ -45,34 +45,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also under `python -m` or pytest
-from linear_latency import ROWS, Row, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth, print_table
-from linear_latency import quantframe_linear
+from linear_latency import ROWS, FlagOn, Row, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth
+from linear_latency import print_table, quantframe_linear
 
 from quantframe.tensor import QuantTensor
 
 LINEAR_SHAPE = (14336, 4096)  # (N, K): an MLP up/gate projection
 LINEAR_MS = (1, 16, 4096)
-class _WordsDequantize(nn.Module):
-    """A quantized linear run with ``nf4_mm.DEQUANTIZE_WORDS`` on (the prefill path's dequantization
-    with the levels looked up in registers); ``weight`` is the inner layer's, for the accuracy check."""
+def _nf4_words_dequantize(w: Tensor) -> nn.Module:
+    """The eager NF4 layer with ``nf4_mm.DEQUANTIZE_WORDS`` on (the prefill dequantization with the
+    levels looked up in registers)."""
+    from quantframe.kernels import nf4_mm
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.weight = inner, inner.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        from quantframe.kernels import nf4_mm
-
-        nf4_mm.DEQUANTIZE_WORDS = True
-        try:
-            return self.inner(x)
-        finally:
-            nf4_mm.DEQUANTIZE_WORDS = False
+    return FlagOn(quantframe_linear("nf4_weight_only", False)(w), nf4_mm, "DEQUANTIZE_WORDS")
 
 
-ROWS["quantframe nf4, words dequantize, eager"] = Row(
-    "nf4", lambda w: _WordsDequantize(quantframe_linear("nf4_weight_only", False)(w)), "quantframe"
-)
+ROWS["quantframe nf4, words dequantize, eager"] = Row("nf4", _nf4_words_dequantize, "quantframe")
 LINEAR_ROWS = (
     "bf16 F.linear",
     "quantframe nf4, eager",

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 # isort: split
 # sibling scripts (`python benchmarks/ternary.py` puts benchmarks/ on sys.path)
-from linear_latency import Timer, copy_bandwidth, print_table
+from linear_latency import FlagOn, Timer, copy_bandwidth, print_table
 from train_step import _step_fn, bf16, run_row
 
 N, K = 14336, 4096  # W [N, K], nn.Linear layout
@@ -94,20 +94,11 @@ def quantframe_ternary(compiled: bool) -> Callable:
 
 
 def quantframe_ternary_fused_token(w):
-    """The eager layer with ``ternary_mm.FUSE_ONE_TOKEN`` on while it runs: one token quantized inside
-    the GEMV (one launch instead of two); other batch sizes take the same path as the eager row."""
+    """The eager layer with ``ternary_mm.FUSE_ONE_TOKEN`` on: one token quantized inside the GEMV (one
+    launch instead of two); other batch sizes take the same path as the eager row."""
     from quantframe.kernels import ternary_mm
 
-    layer = quantframe_ternary(False)(w)
-
-    def run(x):
-        ternary_mm.FUSE_ONE_TOKEN = True
-        try:
-            return layer(x)
-        finally:
-            ternary_mm.FUSE_ONE_TOKEN = False
-
-    return run
+    return FlagOn(quantframe_ternary(False)(w), ternary_mm, "FUSE_ONE_TOKEN")
 
 
 def torchao_packed(compiled: bool) -> Callable:
