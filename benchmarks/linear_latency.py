@@ -202,31 +202,6 @@ def quantframe_fused(fmt: str) -> Callable:
     return build
 
 
-class FlagOn(nn.Module):
-    """``inner`` run with the module flag ``owner.<flag>`` set (an opt-in kernel path, off by default until
-    timed), restored after each call; ``weight`` is the inner layer's, for the accuracy checks."""
-
-    def __init__(self, inner: nn.Module, owner, flag: str) -> None:
-        super().__init__()
-        self.inner, self.weight, self.owner, self.flag = inner, inner.weight, owner, flag
-
-    def forward(self, x: Tensor) -> Tensor:
-        before = getattr(self.owner, self.flag)
-        setattr(self.owner, self.flag, True)
-        try:
-            return self.inner(x)
-        finally:
-            setattr(self.owner, self.flag, before)
-
-
-def quantframe_w8a8_gemv(w):
-    """The eager W8A8 layer with ``int8_mm.GEMV_ONE_ROW`` on (one row: the dp4a GEMV instead of the
-    GEMM's 32-row tiles; other batch sizes: the eager row's path)."""
-    from quantframe.kernels import int8_mm
-
-    return FlagOn(quantframe_linear("int8_dynamic_activation_int8_weight", False)(w), int8_mm, "GEMV_ONE_ROW")
-
-
 _QF_FORMATS = {  # format: (factory, kwargs)
     "int8": ("int8_weight_only", {}),
     "int4 g128": ("int4_weight_only", {"group_size": 128}),
@@ -255,7 +230,6 @@ ROWS: dict[str, Row] = {
     "gemlite int4 g128 (A16W4 HQQ layout)": Row("int4 g128", gemlite_linear("int4"), "gemlite"),
     "gemlite W8A8 (A8W8 int8 dynamic)": Row("w8a8", gemlite_linear("w8a8"), "gemlite"),
     **_QF_ROWS,
-    "quantframe w8a8, one-row dp4a GEMV, eager": Row("w8a8", quantframe_w8a8_gemv, "quantframe"),
     **{f"quantframe {fmt}, fused Triton kernels": Row(fmt, quantframe_fused(fmt), "quantframe")
        for fmt in ("int8", "int4 g128", "nf4")},
 }  # fmt: skip

@@ -45,26 +45,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also under `python -m` or pytest
-from linear_latency import ROWS, FlagOn, Row, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth
+from linear_latency import ROWS, Row, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth
 from linear_latency import print_table, quantframe_linear
 
 from quantframe.tensor import QuantTensor
 
 LINEAR_SHAPE = (14336, 4096)  # (N, K): an MLP up/gate projection
 LINEAR_MS = (1, 16, 4096)
-def _nf4_words_dequantize(w: Tensor) -> nn.Module:
-    """The eager NF4 layer with ``nf4_mm.DEQUANTIZE_WORDS`` on (the prefill dequantization with the
-    levels looked up in registers)."""
-    from quantframe.kernels import nf4_mm
-
-    return FlagOn(quantframe_linear("nf4_weight_only", False)(w), nf4_mm, "DEQUANTIZE_WORDS")
-
-
-ROWS["quantframe nf4, words dequantize, eager"] = Row("nf4", _nf4_words_dequantize, "quantframe")
 LINEAR_ROWS = (
     "bf16 F.linear",
     "quantframe nf4, eager",
-    "quantframe nf4, words dequantize, eager",
     "quantframe nf4, compiled",
     "bitsandbytes NF4 (Linear4bit)",
     "torchao NF4, compiled",

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 # isort: split
 # sibling scripts (`python benchmarks/ternary.py` puts benchmarks/ on sys.path)
-from linear_latency import FlagOn, Timer, copy_bandwidth, print_table
+from linear_latency import Timer, copy_bandwidth, print_table
 from train_step import _step_fn, bf16, run_row
 
 N, K = 14336, 4096  # W [N, K], nn.Linear layout
@@ -93,14 +93,6 @@ def quantframe_ternary(compiled: bool) -> Callable:
     return build
 
 
-def quantframe_ternary_fused_token(w):
-    """The eager layer with ``ternary_mm.FUSE_ONE_TOKEN`` on: one token quantized inside the GEMV (one
-    launch instead of two); other batch sizes take the same path as the eager row."""
-    from quantframe.kernels import ternary_mm
-
-    return FlagOn(quantframe_ternary(False)(w), ternary_mm, "FUSE_ONE_TOKEN")
-
-
 def torchao_packed(compiled: bool) -> Callable:
     """torchao's 2-bit BitNet weight, as its FSDP2 all-gather builds it (fsdp_post_all_gather)."""
 
@@ -124,7 +116,6 @@ LATENCY_ROWS: dict[str, Row] = {
     "bf16 F.linear": Row("bf16", bf16_linear),
     "quantframe TernaryWeight, eager": Row("ternary", quantframe_ternary(False), "quantframe"),
     "quantframe TernaryWeight, compiled": Row("ternary", quantframe_ternary(True), "quantframe"),
-    "quantframe TernaryWeight, one token fused, eager": Row("ternary", quantframe_ternary_fused_token, "quantframe"),
     "torchao BitNetPacked2bitLinearWeight, eager": Row("ternary, bf16 scales", torchao_packed(False), "torchao"),
     "torchao BitNetPacked2bitLinearWeight, compiled": Row("ternary, bf16 scales", torchao_packed(True), "torchao"),
 }

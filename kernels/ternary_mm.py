@@ -11,9 +11,9 @@ accumulate ``int8 x ternary`` products exactly in int32, then apply ``sx * s`` o
 
 * ``M <= 16`` (decode): ``_ternary_gemv_kernel``, one program per ``BLOCK_N`` outputs holding
   every row of x, multiply-and-sum on CUDA cores; the weight is read once at 2 bits a value. One
-  row of word-aligned codes can take int32 words (``_ternary_words_row``) and, behind ``DP4A_GEMV``,
-  four products a ``dp4a`` (``_ternary_dp4a_row``); behind ``FUSE_ONE_TOKEN`` one token is
-  quantized inside the GEMV (``_ternary_token_gemv_kernel``, one launch instead of two).
+  row of word-aligned codes takes int32 words, four products a ``dp4a`` (``_ternary_dp4a_row``), and
+  one float token (``FUSE_ONE_TOKEN``) is quantized inside that GEMV (``_ternary_token_gemv_kernel``:
+  one launch instead of two).
 * more rows: ``_ternary_gemm_kernel``, ``tl.dot`` of int8 tiles into int32 (fp32 tiles under
   the interpreter, exact below 2**24).
 
@@ -118,38 +118,6 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _ternary_words_row(x_ptr, p_ptr, offs_n, mask_n, K, stride_pn, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int32 ``[BLOCK_N, 1]`` = one row of int8 x codes times ternary codes read as int32 words (``packed``
-    rows 4-byte aligned, ``K % 16 == 0``; ``stride_pn`` in bytes), exact.
-
-    Word ``i`` holds elements ``16i + t`` in bits ``2t .. 2t + 1`` (code ``c``, weight ``c - 1``). Code
-    ``t < 8`` is masked in place, ``(word & 3 << 2t) | magic`` being the float ``2**23 + c * 4**t``
-    (``t >= 8``: the same from ``word >> 16``); one float subtract of 2**23 and an FMA with
-    ``x[16i + t] / 4**t`` finish it, all exact (affine_mm._int4_words_row's scheme for 2 bits), and the
-    ``- 1`` comes off once per word as ``sum(x)``. x's int8 codes become floats the same way. Each
-    tile's sums (integers below 2**24) are added to an int32 accumulator."""
-    magic = tl.cast(magic, tl.int32)  # the interpreter passes Python ints as int64; inductor as constants
-    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        w_idx = k0 // 16 + offs_w
-        mask_w = w_idx < K // 16
-        word = load_words(p_ptr, offs_n, mask_n, w_idx, K // 16, stride_pn)
-        high = word >> 16
-        part = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.float32)
-        for t in tl.static_range(16):
-            half = word if t < 8 else high
-            f = ((half & (3 << 2 * (t % 8))) | magic).to(tl.float32, bitcast=True) - 8388608.0  # c * 4**(t % 8)
-            xb = tl.load(x_ptr + 16 * w_idx + t, mask=mask_w, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
-            xt = ((xb ^ 0x80) | magic).to(tl.float32, bitcast=True) - 8388736.0  # the int8 code, 2**23 + 128 off
-            x_sum += xt
-            part += f * (xt * (1.0 / (1 << 2 * (t % 8))))[None, :]
-        acc += (part - x_sum[None, :]).to(tl.int32)
-    return tl.sum(acc, axis=1)[:, None]
-
-
-@triton.jit
 def _dp4a_codes(word, t: tl.constexpr, xt, acc, x_sum):
     """``acc += codes . x`` and ``x_sum += sum(x)`` for the four codes ``t`` of each byte of ``word``
     (``(word >> 2t) & 0x03030303``: elements ``16i + t + {0, 4, 8, 12}``, one a byte) and ``xt``, the
@@ -195,34 +163,23 @@ def _gemv_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "WORDS": False}, num_warps=4)]
     shapes = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (16, 256), (64, 128), (32, 256)]
     # Long K tiles: for the one-row affine GEMVs they decided the time on H200 (int8 16 x 256: 20.7 us,
-    # 16 x 128: 28.0; int4 30 -> 17 us with 1,024-code tiles); offered here untimed, the autotuner
-    # keeps them only where they win, as the words tiles (_ternary_words_row) below.
+    # 16 x 128: 28.0; int4 30 -> 17 us with 1,024-code tiles).
     shapes += [(16, 512), (8, 512), (8, 1024)]
     plain = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": False}, num_warps=4, num_stages=3) for n, k in shapes]
-    words = [(16, 1024), (32, 1024), (16, 2048), (8, 2048)]
-    # WORDS 2: _ternary_dp4a_row, four codes a dp4a (not yet timed; ~0.8 sm_90 instructions a code in
-    # its loop against ~5.5 for WORDS 1, whose 16 x 2,048 tile took 19.8 us at M = 1 on the H200)
-    dp4a = [(16, 1024), (32, 1024), (16, 2048), (32, 2048), (64, 1024), (64, 2048)]  # no spills (sm_90 build)
-    return (
-        plain
-        + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": 1}, num_warps=4, num_stages=3) for n, k in words]
-        + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": 2}, num_warps=4, num_stages=3) for n, k in dp4a]
-    )
-
-
-# The dp4a tiles (WORDS 2) join the autotuner's list only when this is on: a kernel the autotuner keeps
-# for being fast must first have been checked on a GPU (test_ternary_mm.py::
-# test_one_token_paths_match_the_byte_path_on_cuda), which has not run yet (written in stop 15).
-DP4A_GEMV = False
+    # WORDS: _ternary_dp4a_row, ~0.8 sm_90 instructions a code in its loop, no spills. H200, 14336 x 4096, one
+    # row: 10.0-17.2 us (16 x 2,048 best) against 20.2 for float-trick words (removed) and 31.4 for bytes.
+    dp4a = [(16, 1024), (32, 1024), (16, 2048), (32, 2048), (64, 1024), (64, 2048)]
+    return plain + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3)
+                    for n, k in dp4a]  # fmt: skip
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     """The ``[BLOCK_N, BLOCK_K, BLOCK_M]`` int32 product must fit in registers (<= 64 a thread at 4
-    warps); the words tiles (fp32 tiles of ``BLOCK_K / 16`` per row) only for one row of aligned
-    codes (``WORDS_OK``), the dp4a ones only with ``DP4A_GEMV``."""
+    warps); the words tiles (int32 tiles of ``BLOCK_K / 16`` per row) only for one row of aligned
+    codes (``WORDS_OK``)."""
     plain = [c for c in configs if not c.kwargs["WORDS"]]
     fit = [c for c in plain if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["BLOCK_M"] <= 8192]
-    words = [c for c in wmm.words_configs(configs, kwargs) if c.kwargs["WORDS"] != 2 or DP4A_GEMV]
+    words = wmm.words_configs(configs, kwargs)
     return (fit or plain[:1]) + words
 
 
@@ -233,21 +190,17 @@ def _prune_gemv(configs, named_args, **kwargs):
 def _ternary_gemv_kernel(
     x_ptr, sx_ptr, p_ptr, s_ptr, b_ptr, y_ptr,  # x int8 [M, K], sx fp32 [M], packed [N, KB], s fp32 [], bias [N], y [M, N]
     M, N, K, KB, stride_xm, stride_pn, stride_ym, stride_yn,
-    magic,  # 0x4B000000 (see _ternary_words_row)
     HAS_BIAS: tl.constexpr,
     WORDS_OK: tl.constexpr,  # one row of codes in whole, aligned int32 words: the words tiles may run
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 4 (words tiles: of 16)
-    WORDS: tl.constexpr,  # 0: byte tiles; 1: int32 words (_ternary_words_row); 2: words + dp4a (_ternary_dp4a_row)
+    WORDS: tl.constexpr,  # int32 words, four codes a dp4a (_ternary_dp4a_row); else byte tiles
 ):  # fmt: skip
     if WORDS:
         offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
-        if WORDS == 2:
-            acc = _ternary_dp4a_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, BLOCK_N, BLOCK_K)
-        else:
-            acc = _ternary_words_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, magic, BLOCK_N, BLOCK_K)
+        acc = _ternary_dp4a_row(x_ptr, p_ptr, offs_n, offs_n < N, K, stride_pn, BLOCK_N, BLOCK_K)
         _epilogue(acc, sx_ptr, s_ptr, b_ptr, y_ptr, offs_n, offs_m, offs_n < N, offs_m < M, stride_ym, stride_yn,
                   HAS_BIAS)  # fmt: skip
         return
@@ -455,9 +408,9 @@ def ternary_mm_dense(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | No
 
 
 # ---- one token, its quantization inside the GEMV --------------------------------------------------
-# Off by default until timed on a GPU against the two launches it replaces (the token's quantization,
-# then the GEMV): `benchmarks/ternary.py --part latency` has a row for it.
-FUSE_ONE_TOKEN = False
+# H200, 14336 x 4096, one token under a CUDA graph: 9.8 us against 19.9 for the two launches it replaces
+# (the token's quantization, then the GEMV; before its dp4a tiles). Off: the two launches (tests compare).
+FUSE_ONE_TOKEN = True
 
 
 @triton.jit
@@ -502,7 +455,7 @@ def _token_configs() -> list[triton.Config]:
     if _interpreted():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3)
-            for n, k in ((32, 1024), (32, 2048), (64, 1024), (64, 2048))]  # fmt: skip
+            for n, k in ((16, 1024), (16, 2048), (32, 1024), (32, 2048), (64, 1024), (64, 2048))]  # fmt: skip
 
 
 _ternary_token_gemv = triton.autotune(configs=_token_configs(), key=["N", "K"])(_ternary_token_gemv_kernel)
@@ -512,9 +465,13 @@ _ternary_token_gemv = triton.autotune(configs=_token_configs(), key=["N", "K"])(
 def _ternary_token_gemv_op(
     x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
-    """Float ``x [1, K]`` (unit stride), ``packed`` rows of whole 4-byte-aligned words; checked by
-    :func:`ternary_mm_triton`."""
+    """Float ``x [1, K]`` (unit stride, ``K % 16 == 0``); checked by :func:`ternary_mm_triton`. The
+    word-alignment check is here, not there: dynamo cannot trace ``storage_offset()``, an op body sees
+    real or fake tensors. ``packed`` rows that are not whole 4-byte-aligned words (a view at an odd
+    offset; rare) are copied first."""
     n, k = packed.shape[0], x.shape[1]
+    if not wmm.word_rows(packed, 16, k):
+        packed = packed.clone(memory_format=torch.contiguous_format)  # fresh storage: offset 0, rows of K / 4 bytes
     y = torch.empty((1, n), dtype=out_dtype, device=x.device)
     if n:
         wrap_triton(_ternary_token_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
@@ -539,7 +496,7 @@ def _ternary_mm_op(
     if m < wmm.MMA_MIN_ROWS:  # as the other weight families (_weight_mm.launch)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
         words_ok = m == 1 and wmm.word_rows(packed, 16, k)
-        wrap_triton(_ternary_gemv_kernel)[grid](*args, wmm.MAGIC_BITS, HAS_BIAS=bias is not None, WORDS_OK=words_ok,
+        wrap_triton(_ternary_gemv_kernel)[grid](*args, HAS_BIAS=bias is not None, WORDS_OK=words_ok,
                                                 BLOCK_M=triton.next_power_of_2(m))  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
@@ -555,7 +512,7 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
         raise TypeError(f"ternary_mm_triton: x.dtype={x.dtype}, expected float32, float16 or bfloat16")
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
-    if FUSE_ONE_TOKEN and x2d.shape[0] == 1 and wmm.word_rows(packed, 16, k) and x2d.stride(-1) == 1:
+    if FUSE_ONE_TOKEN and x2d.shape[0] == 1 and k % 16 == 0 and x2d.stride(-1) == 1:
         y = torch.ops.quantframe.ternary_token_gemv(x2d, packed, scale.float().reshape(()), bias, x.dtype)
         return y.reshape(*x.shape[:-1], packed.shape[0])
     codes, sx = _quantize_tokens_triton(x2d)

@@ -331,6 +331,7 @@ def test_one_row_gemv_equals_the_gemm(monkeypatch, n, k, has_bias, out_dtype):
     a, b = torch.randint(-127, 128, (1, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
     a_scale, b_scale = torch.rand(1) + 0.1, torch.rand(n) + 0.1
     bias = torch.randn(n) if has_bias else None
+    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", False)
     gemm = int8_scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype)
     monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
     launched = []
@@ -349,8 +350,7 @@ class _Spy:
         return self.kernel[grid]
 
 
-def test_one_row_gemv_needs_aligned_word_rows(monkeypatch):
-    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
+def test_one_row_gemv_needs_aligned_word_rows():
     a, b = torch.randint(-127, 128, (1, 6), dtype=torch.int8), torch.randint(-127, 128, (3, 6), dtype=torch.int8)
     y = int8_scaled_mm_triton(a, b, torch.ones(1), torch.ones(3), None, torch.float32)  # K % 4: the GEMM
     assert torch.equal(y, int8_scaled_mm_reference(a, b, torch.ones(1), torch.ones(3), None, torch.float32))
@@ -362,6 +362,7 @@ def test_one_row_gemv_equals_the_gemm_on_cuda(monkeypatch):
     a = torch.randint(-127, 128, (1, 4096), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (14336, 4096), dtype=torch.int8, device="cuda")
     a_scale, b_scale = torch.rand(1, device="cuda") + 0.1, torch.rand(14336, device="cuda") + 0.1
+    monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", False)
     gemm = int8_scaled_mm_triton(a, b, a_scale, b_scale, None, torch.bfloat16)
     monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
     assert torch.equal(int8_scaled_mm_triton(a, b, a_scale, b_scale, None, torch.bfloat16), gemm)

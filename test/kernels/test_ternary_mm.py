@@ -151,7 +151,7 @@ def test_triton_matches_reference_on_cuda(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["words", "dp4a", "fused-token"])
+@pytest.mark.parametrize("path", ["dp4a", "fused-token"])
 def test_one_token_paths_match_the_byte_path_on_cuda(monkeypatch, path):
     # each one-row path launched alone on a real GPU (the autotuner would pick only one): the PTX
     # dp4a and the byte path must give the same integer sums, bit for bit
@@ -163,17 +163,19 @@ def test_one_token_paths_match_the_byte_path_on_cuda(monkeypatch, path):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     codes, sx = ternary_mm_module._quantize_tokens_triton(x)
     ys = []
-    for words in (0, {"words": 1, "dp4a": 2, "fused-token": 2}[path]):
+    for words in (False, True):
         y = torch.empty(1, n, device="cuda")
         ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, 16),)](
             codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
-            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
-            HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=64 if words == 0 else 1024, WORDS=words,
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1),
+            HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024 if words else 64, WORDS=words,
         )  # fmt: skip
         ys.append(y)
     if path == "fused-token":
-        monkeypatch.setattr(ternary_mm_module, "FUSE_ONE_TOKEN", True)
-        ys[1] = ternary_mm_triton(x.float(), w.packed, w.scale)
+        launched = []
+        monkeypatch.setattr(ternary_mm_module, "_quantize_tokens_triton", lambda *a: launched.append(a))
+        ys[1] = ternary_mm_triton(x.float(), w.packed, w.scale)  # FUSE_ONE_TOKEN: on by default
+        assert not launched
     torch.testing.assert_close(ys[1], ys[0], atol=0, rtol=0)
 
 
@@ -198,11 +200,10 @@ def test_quantize_tokens_triton_takes_a_strided_row_view():
     assert torch.equal(codes, ref_codes) and torch.equal(sx, ref_sx)
 
 
-# ---- one row of codes read as int32 words (_ternary_words_row, _ternary_dp4a_row) ---------------
-@pytest.mark.parametrize("words", [1, 2], ids=["float-trick", "dp4a"])
+# ---- one row of codes read as int32 words, four codes a dp4a (_ternary_dp4a_row) --------------------
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 1024)])
 @pytest.mark.parametrize("k", [256, 1024, 1040])
-def test_words_row_equals_the_byte_path(block_n, block_k, k, words):
+def test_words_row_equals_the_byte_path(block_n, block_k, k):
     # On a GPU the autotuner times the words tiles against the byte tiles; the interpreter's list
     # has one byte tile, so the words path is launched here by hand. Integer sums: bit for bit.
     import triton
@@ -214,11 +215,11 @@ def test_words_row_equals_the_byte_path(block_n, block_k, k, words):
     x[0, 3] = 50.0  # one large activation: codes near -128..127 elsewhere small
     codes, sx = ternary_mm_module._quantize_tokens_triton(x)
     ys = []
-    for words, bn, bk in ((0, 16, 32), (words, block_n, block_k)):
+    for words, bn, bk in ((False, 16, 32), (True, block_n, block_k)):
         y = torch.empty(1, n)
         ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, bn),)](
             codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
-            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1),
             HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, WORDS=words,
         )  # fmt: skip
         ys.append(y)
@@ -254,6 +255,7 @@ def test_fused_token_gemv_equals_the_two_launches(monkeypatch, k, dtype, has_bia
     x = torch.randn(1, 1, k).to(dtype)
     x[0, 0, 5] = -40.0  # a large activation: codes of every size
     bias = torch.randn(n).to(dtype) if has_bias else None
+    monkeypatch.setattr(ternary_mm_module, "FUSE_ONE_TOKEN", False)
     unfused = ternary_mm_triton(x, w.packed, w.scale, bias)
     launched = []
     monkeypatch.setattr(ternary_mm_module, "FUSE_ONE_TOKEN", True)
@@ -264,29 +266,31 @@ def test_fused_token_gemv_equals_the_two_launches(monkeypatch, k, dtype, has_bia
     torch.testing.assert_close(fused, unfused, atol=0, rtol=0)  # the same integer sums, the same scales
 
 
-def test_dp4a_tiles_are_offered_only_with_the_flag(monkeypatch):
-    import triton
-
-    tiles = ((64, 0), (1024, 1), (1024, 2))
-    configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": k, "WORDS": w}, num_warps=4) for k, w in tiles]
-    prune = ternary_mm_module._prune_gemv
-    kept = lambda: [c.kwargs["WORDS"] for c in prune(configs, {}, BLOCK_M=1, WORDS_OK=True)]  # noqa: E731
-    assert kept() == [0, 1]
-    monkeypatch.setattr(ternary_mm_module, "DP4A_GEMV", True)
-    assert kept() == [0, 1, 2]
+def test_fused_token_gemv_takes_packed_rows_off_word_alignment():
+    # a packed view one byte into its storage: the op copies it to aligned rows first (the check lives
+    # in the op body, where dynamo does not trace storage_offset)
+    torch.manual_seed(1)
+    n, k = 12, 64
+    w = _weight(n, k)
+    storage = torch.zeros(n * (k // 4) + 1, dtype=torch.uint8)
+    packed = storage[1:].view(n, k // 4)
+    packed.copy_(w.packed)
+    assert packed.storage_offset() % 4 == 1
+    x = torch.randn(1, k)
+    y = ternary_mm_triton(x, packed, w.scale)  # FUSE_ONE_TOKEN: on by default
+    assert torch.equal(y, ternary_mm_triton(x, w.packed, w.scale))
 
 
 def test_every_gpu_gemv_config_for_one_row_matches_the_byte_path(monkeypatch):
     # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
-    # the GPU list that the prune keeps for one aligned row (dp4a tiles included), launched here by hand
+    # the GPU list that the prune keeps for one aligned row (the dp4a words tiles included), launched by hand
     import triton
 
     monkeypatch.setattr(ternary_mm_module, "_interpreted", lambda: False)
     configs = ternary_mm_module._gemv_configs()
     monkeypatch.undo()
-    monkeypatch.setattr(ternary_mm_module, "DP4A_GEMV", True)
     kept = ternary_mm_module._prune_gemv(configs, {}, BLOCK_M=1, WORDS_OK=True)
-    assert {c.kwargs["WORDS"] for c in kept} == {False, 1, 2}
+    assert {c.kwargs["WORDS"] for c in kept} == {False, True}
     torch.manual_seed(0)
     n, k = 20, 2048
     w = _weight(n, k)
@@ -297,7 +301,7 @@ def test_every_gpu_gemv_config_for_one_row_matches_the_byte_path(monkeypatch):
         y = torch.empty(1, n)
         ternary_mm_module._ternary_gemv_kernel.fn[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
             codes, sx.reshape(-1), w.packed, w.scale.float().reshape(()), sx, y, 1, n, k, w.packed.shape[1],
-            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1), ternary_mm_module.wmm.MAGIC_BITS,
+            codes.stride(0), w.packed.stride(0), y.stride(0), y.stride(1),
             HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs,
         )  # fmt: skip
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5, msg=lambda m, c=c: f"{c.kwargs}: {m}")
