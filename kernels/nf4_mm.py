@@ -14,10 +14,9 @@ NormalFloat4 values (fp32). Each program reads its slice of the packed weight on
   fp32); the tile ``level * scale`` is rounded to x's dtype as a dense 16-bit layer holds it.
 
 Both unpack the nibbles in registers and look the level up with a gather load from the 16-entry
-table (64 bytes, L1-resident); one row of word-aligned codes can instead read int32 words and, behind
-``LUT_GEMV``, look the levels up in registers with ``prmt`` byte permutes (``_nf4_words_row``), as
-the prefill dequantization can behind ``DEQUANTIZE_WORDS`` (``_nf4_dequantize_words_kernel``). ``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``,
-so a ``BLOCK_K`` slice has one scale per row and no tile reaches past ``K``.
+table (64 bytes, L1-resident); one row of word-aligned codes instead reads int32 words and looks the
+levels up in registers with ``prmt`` byte permutes (``_nf4_words_row``).
+``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``, so a ``BLOCK_K`` slice has one scale per row and no tile reaches past ``K``.
 
 Gradient with respect to x (frozen base, QLoRA): no Triton kernel; :func:`nf4_mm_grad_input`
 dequantizes ``W`` once into the gradient's dtype and runs one matmul on CUDA (fp32 math elsewhere).
@@ -33,9 +32,12 @@ from torch.library import triton_op, wrap_triton
 
 from . import _weight_mm as wmm
 from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
-from . import use_triton
+from . import is_traced, use_triton
 
 __all__ = [
+    "nf4_block_scales",
+    "nf4_block_scales_reference",
+    "nf4_block_scales_triton",
     "nf4_dequantize",
     "nf4_dequantize_triton",
     "nf4_mm",
@@ -207,7 +209,7 @@ def _lookup4(sel, sel2, t0, t1, t2, t3):
 @triton.jit
 def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """fp32 ``[BLOCK_N, 1]`` = one row of x times NF4 codes read as int32 words (``codes`` rows
     4-byte aligned, ``K % 8 == 0``; ``stride_cn`` in bytes), K tiles of several scale blocks.
@@ -217,17 +219,16 @@ def _nf4_words_row(
     x is read in the words' order instead; each block's words are summed, then scaled (as
     ``affine_mm._int4_words_row``, whose long K tiles took the 4-bit GEMV from 30 to 17 us on H200).
 
-    The levels: ``LUT`` False gathers them from the 16-entry table (L1); ``LUT`` True looks them up
-    in registers: the 16 levels as fp16 (rounding each by at most 2**-12 of itself) are two byte
-    planes of four int32 each; ``prmt`` picks four codes' bytes at once from eight entries (two
-    ``prmt``) and a third picks between the two eights by each code's top bit; two more interleave
-    the planes into fp16 pairs, converted to fp32 for the FMAs (sm_90: 6.2-8.3 loop instructions a
-    code against 12.7 gathering)."""
-    if LUT:
-        lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
-        lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
-        hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
-        hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
+    The levels are looked up in registers, not gathered from the table: the 16 levels as fp16
+    (rounding each by at most 2**-12 of itself) are two byte planes of four int32 each; ``prmt``
+    picks four codes' bytes at once from eight entries (two ``prmt``) and a third picks between the
+    two eights by each code's top bit; two more interleave the planes into fp16 pairs, converted to
+    fp32 for the FMAs (sm_90: 6.2-8.3 loop instructions a code against 12.7 gathering; H200, one
+    token of 14336 x 4096: 60.6 us against 109.8 with gathered levels)."""
+    lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
+    lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
+    hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
+    hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
     acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
@@ -236,25 +237,19 @@ def _nf4_words_row(
         mask_w = w_idx < K // 8
         word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        if LUT:
-            for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word
-                half = word >> 16 * h
-                sel = half & 0x7777
-                sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
-                lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
-                hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
-                for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
-                    pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
-                    for r in tl.static_range(2):
-                        level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                        p = 4 * h + 2 * q + r
-                        xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0)
-                        part += level * xj.to(tl.float32)[None, :]  # words past K: code 0 meets x = 0
-        else:
-            for p in tl.static_range(8):
-                level = tl.load(lv_ptr + ((word >> 4 * p) & 15))  # gather from the 16-entry table (L1)
-                xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
-                part += level * xj[None, :]  # words past K: code 0 (level -1) meets x = 0
+        for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word
+            half = word >> 16 * h
+            sel = half & 0x7777
+            sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
+            lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
+            hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
+            for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
+                pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
+                for r in tl.static_range(2):
+                    level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    p = 4 * h + 2 * q + r
+                    xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0)
+                    part += level * xj.to(tl.float32)[None, :]  # words past K: code 0 meets x = 0
         if BLOCK_SIZE >= BLOCK_K:
             s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
             acc += part * s[:, None]
@@ -271,13 +266,10 @@ def _nf4_words_row(
 
 _GEMV_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32), (16, 64), (64, 32), (32, 64), (64, 64), (128, 64)]
 # One row, codes as int32 words (_nf4_words_row): long K tiles of several scale blocks, offered to the
-# autotuner beside the byte tiles above (not yet timed on a GPU: sm_90 SASS ~12 instructions a code,
-# against ~13 for the byte tiles, whose K tiles cannot pass a 64-code block).
-_WORDS_SHAPES = [(16, 512), (16, 1024), (8, 1024)]
-# WORDS 2 (_nf4_words_row's LUT: levels by prmt): sm_90 loop 8.3 / 6.8 / 6.2 instructions a code at
-# 8 / 16 / 32 x 1,024 (gathered levels: 12.7 at 8 x 1,024, the tile the autotuner kept on the H200 at
-# 108.8 us); no spills at 32 x 1,024
-_LUT_SHAPES = [*_WORDS_SHAPES, (32, 1024), (16, 2048)]
+# autotuner beside the byte tiles above. sm_90 loop: 8.3 / 6.8 / 6.2 instructions a code at 8 / 16 / 32 x
+# 1,024, no spills at 32 x 1,024. H200, 14336 x 4096, one token: 60.6-63.7 us at 8-32 x 1,024 and 16 x 2,048,
+# 75.0 at 16 x 512, the best byte tile 118.3.
+_WORDS_SHAPES = [(16, 512), (8, 1024), (16, 1024), (32, 1024), (16, 2048)]
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -287,23 +279,16 @@ def _gemv_configs() -> list[triton.Config]:
     if wmm.interpreted():
         return plain
     return plain + [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": w}, num_warps=4, num_stages=3)
-        for w, shapes in ((1, _WORDS_SHAPES), (2, _LUT_SHAPES))  # 2: not yet timed on a GPU
-        for n, k in shapes
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "WORDS": True}, num_warps=4, num_stages=3)
+        for n, k in _WORDS_SHAPES
     ]
-
-
-# The prmt tiles (WORDS 2) join the autotuner's list only when this is on: a kernel the autotuner keeps
-# for being fast must first have been checked on a GPU (test_nf4_mm.py::test_words_rows_match_reference_on_cuda),
-# which has not run yet (written in stop 15).
-LUT_GEMV = False
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     """The byte tiles by ``wmm.prune_gemv``; the words tiles only for one row of aligned codes
-    (``WORDS_OK``), spanning scale blocks (the prmt ones only with ``LUT_GEMV``)."""
+    (``WORDS_OK``), spanning scale blocks."""
     plain = wmm.prune_gemv("BLOCK_SIZE")([c for c in configs if not c.kwargs["WORDS"]], named_args, **kwargs)
-    words = [c for c in wmm.words_configs(configs, kwargs) if c.kwargs["WORDS"] != 2 or LUT_GEMV]
+    words = wmm.words_configs(configs, kwargs)
     return plain + (wmm.prune_gemv("BLOCK_SIZE", "WORDS_OK")(words, named_args, **kwargs) if words else [])
 
 
@@ -324,7 +309,7 @@ def _nf4_gemv_kernel(
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE (byte tiles) or is a multiple of it (words tiles)
-    WORDS: tl.constexpr,  # codes as int32 words (_nf4_words_row): 1 levels gathered, 2 levels by prmt
+    WORDS: tl.constexpr,  # codes as int32 words, levels by prmt (_nf4_words_row)
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -335,7 +320,7 @@ def _nf4_gemv_kernel(
     if WORDS:
         acc = _nf4_words_row(
             x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,
-            BLOCK_N, BLOCK_K, WORDS == 2,
+            BLOCK_N, BLOCK_K,
         )  # fmt: skip
         bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
         return
@@ -423,62 +408,43 @@ def _nf4_dequantize_kernel(
     tl.store(w_ptr + offs_n[:, None] * K + rk[None, :], w, mask=mask_n[:, None])
 
 
-@triton.jit
-def _level_bytes(sel, sel2, lv_ptr, shift: tl.constexpr):
-    """Byte ``shift // 8`` of the fp32 levels of the four codes in ``sel``'s nibbles, one a byte."""
-    t0, t1 = _table_plane(lv_ptr, 0, shift, False), _table_plane(lv_ptr, 4, shift, False)
-    t2, t3 = _table_plane(lv_ptr, 8, shift, False), _table_plane(lv_ptr, 12, shift, False)
-    return _lookup4(sel, sel2, t0, t1, t2, t3)
+# ---- the double-quantized block scales ---------------------------------------------------------
+def nf4_block_scales_reference(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int) -> Tensor:
+    """fp32 ``[n_blocks]``: ``qs[b] * scaler_scale[(b + offset) // scaler_block_size] + mean`` (int8
+    ``qs``, fp32 ``scaler_scale`` and 0-dim ``mean``: :class:`quantframe.nf4.NF4Tensor`'s fields), one
+    rounding after the product and one after the sum."""
+    idx = (torch.arange(qs.numel(), device=qs.device) + offset) // scaler_block_size
+    return qs.float() * scaler_scale[idx] + mean
 
 
 @triton.jit
-def _levels_fp32(sel, sel2, lv_ptr):
-    """fp32 levels of the four codes in ``sel``'s nibbles (``sel2``: see ``_nf4_words_row``), exactly:
-    each byte of the levels by a ``prmt`` lookup in that byte's plane of the table (four int32
-    registers, built from ``lv_ptr`` once and hoisted by the compiler), then a 4 x 4 byte transpose
-    (``prmt`` again) puts each level's four bytes together."""
-    b0, b1 = _level_bytes(sel, sel2, lv_ptr, 0), _level_bytes(sel, sel2, lv_ptr, 8)
-    b2, b3 = _level_bytes(sel, sel2, lv_ptr, 16), _level_bytes(sel, sel2, lv_ptr, 24)
-    lo01 = _prmt(b0, b1, tl.full(sel.shape, 0x5140, tl.int32))  # bytes 0, 1 of codes 0 and 1
-    lo23 = _prmt(b2, b3, tl.full(sel.shape, 0x5140, tl.int32))  # bytes 2, 3 of codes 0 and 1
-    hi01 = _prmt(b0, b1, tl.full(sel.shape, 0x7362, tl.int32))  # the same for codes 2 and 3
-    hi23 = _prmt(b2, b3, tl.full(sel.shape, 0x7362, tl.int32))
-    v0 = _prmt(lo01, lo23, tl.full(sel.shape, 0x5410, tl.int32)).to(tl.float32, bitcast=True)
-    v1 = _prmt(lo01, lo23, tl.full(sel.shape, 0x7632, tl.int32)).to(tl.float32, bitcast=True)
-    v2 = _prmt(hi01, hi23, tl.full(sel.shape, 0x5410, tl.int32)).to(tl.float32, bitcast=True)
-    v3 = _prmt(hi01, hi23, tl.full(sel.shape, 0x7632, tl.int32)).to(tl.float32, bitcast=True)
-    return v0, v1, v2, v3
+def _nf4_block_scales_kernel(qs_ptr, ss_ptr, mean_ptr, out_ptr, n_blocks, offset, SBS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_blocks
+    q = tl.load(qs_ptr + offs, mask=mask, other=0).to(tl.float32)
+    s = tl.load(ss_ptr + (offs + offset) // SBS, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, q * s + tl.load(mean_ptr), mask=mask)  # launched without FMA contraction
 
 
-@triton.jit
-def _nf4_dequantize_words_kernel(
-    c_ptr, s_ptr, lv_ptr, w_ptr,  # as _nf4_dequantize_kernel; W 16-bit, rows of whole int32 pairs
-    N, K,
-    stride_cn, stride_sn, stride_sg,  # stride_cn in bytes; codes rows 4-byte aligned (_weight_mm.word_rows)
-    BLOCK_SIZE: tl.constexpr,  # a power of two >= 16
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a multiple of 8
-):  # fmt: skip
-    """``_nf4_dequantize_kernel``'s values, bit for bit, with the levels looked up in registers:
-    codes read as int32 words (8 codes), each level by ``_levels_fp32`` (exact fp32), times the block
-    scale in fp32, rounded to W's 16-bit dtype and stored as pairs (one int32 a pair of elements)."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_n = offs_n < N
-    w_idx = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8).to(tl.int64)
-    mask_w = w_idx < K // 8
-    word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
-    mask = mask_n[:, None] & mask_w[None, :]
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (8 * w_idx[None, :] // BLOCK_SIZE) * stride_sg, mask=mask,
-                other=0.0)  # fmt: skip
-    w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    for h in tl.static_range(2):  # nibbles 4h .. 4h + 3: elements 8i + 4h + (1, 0, 3, 2)
-        half = word >> 16 * h
-        v1, v0, v3, v2 = _levels_fp32(half & 0x7777, ((half & 0x8888) >> 1) | 0x3210, lv_ptr)
-        for q in tl.static_range(2):  # the pair of elements 8i + 4h + 2q, + 1
-            a, b = (v0, v1) if q == 0 else (v2, v3)
-            lo = (a * s).to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            hi = (b * s).to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) << 16
-            tl.store(w32 + offs_n[:, None] * (K // 2) + 4 * w_idx[None, :] + 2 * h + q, lo | hi, mask=mask)
+def nf4_block_scales_triton(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int) -> Tensor:
+    """:func:`nf4_block_scales_reference` in one launch, bit for bit (no fused multiply-add). Eager
+    only: the decode path's scales were six torch kernels a call (~30 us of a one-token NF4 layer
+    under CUDA graphs on the H200), which inductor fuses by itself under compile."""
+    out = torch.empty(qs.shape, dtype=torch.float32, device=qs.device)
+    n = qs.numel()
+    if n:
+        block = 1024
+        _nf4_block_scales_kernel[(triton.cdiv(n, block),)](
+            qs, scaler_scale, mean, out, n, offset, SBS=scaler_block_size, BLOCK=block, enable_fp_fusion=False
+        )
+    return out
+
+
+def nf4_block_scales(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int) -> Tensor:
+    """:func:`nf4_block_scales_reference`'s values: one Triton launch on CUDA outside tracing, else torch ops."""
+    if use_triton(qs) and not is_traced(qs) and qs.is_contiguous():
+        return nf4_block_scales_triton(qs, scaler_scale, mean, offset, scaler_block_size)
+    return nf4_block_scales_reference(qs, scaler_scale, mean, offset, scaler_block_size)
 
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
@@ -548,11 +514,6 @@ def nf4_mm_triton(
     return y.reshape(*lead, y.shape[-1])
 
 
-# The prefill path's dequantization with the levels looked up in registers (_nf4_dequantize_words_kernel):
-# off until timed on a GPU against the gathered tiles (M = 4096: 790 us on the H200 in stop 13, bf16 699).
-DEQUANTIZE_WORDS = False
-
-
 def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
     """Triton version of :func:`nf4_dequantize` (bit for bit), one pass writing ``W [N, K]``, for
     block_size a power of two >= 16 dividing K (else ValueError)."""
@@ -561,15 +522,6 @@ def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_si
         raise ValueError(f"nf4_dequantize_triton: block_size={block_size} must be a power of two >= 16 dividing K={k}")
     scale = scale.float().reshape(n, k // block_size)
     levels = levels.float().contiguous()
-    if DEQUANTIZE_WORDS and dtype in (torch.bfloat16, torch.float16) and wmm.word_rows(codes, 8, k):
-        w = torch.empty((n, k), dtype=dtype, device=codes.device)
-        if w.numel():
-            grid = (triton.cdiv(n, 32), triton.cdiv(k, 512))
-            wrap_triton(_nf4_dequantize_words_kernel)[grid](
-                codes, scale, levels, w, n, k, codes.stride(0), *scale.stride(), BLOCK_SIZE=block_size,
-                BLOCK_N=32, BLOCK_K=512,
-            )  # fmt: skip
-        return w
     return wmm.launch_dequantize(
         _nf4_dequantize_kernel, (codes, scale, levels), (*codes.stride(), *scale.stride()),
         n, k, dtype, min(128, block_size), BLOCK_SIZE=block_size,

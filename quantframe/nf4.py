@@ -159,9 +159,11 @@ class NF4Tensor(QuantTensor):
         return self.quantized_scalers.numel()
 
     def block_scales(self) -> Tensor:
-        """fp32 ``[n_blocks]``: the double-quantized absmax of each block."""
-        idx = (torch.arange(self.n_blocks, device=self.device) + self.scaler_offset) // self.scaler_block_size
-        return self.quantized_scalers.float() * self.scaler_scale[idx] + self.scaler_mean
+        """fp32 ``[n_blocks]``: the double-quantized absmax of each block (one Triton launch on CUDA)."""
+        from quantframe.kernels.nf4_mm import nf4_block_scales  # lazy: keeps `import quantframe` triton-free
+
+        qs, ss, mean = self.quantized_scalers, self.scaler_scale, self.scaler_mean
+        return nf4_block_scales(qs, ss, mean, self.scaler_offset, self.scaler_block_size)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight, ``NF4_LEVELS[code] * block_scale`` (fp32 math), in ``dtype`` (default: outer dtype)."""

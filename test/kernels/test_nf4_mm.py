@@ -8,6 +8,9 @@ import quantframe.kernels.nf4_mm as nf4_mm_module
 import torch
 import torch.nn.functional as F
 from quantframe.kernels.nf4_mm import (
+    nf4_block_scales,
+    nf4_block_scales_reference,
+    nf4_block_scales_triton,
     nf4_dequantize,
     nf4_dequantize_triton,
     nf4_mm,
@@ -31,6 +34,38 @@ def _weight(n, k, block_size):
     """(codes, scale) of random codes and positive block scales in the NF4Tensor layout."""
     codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     return codes, torch.rand(n * k // block_size) * 0.5 + 0.01
+
+
+# ---- the double-quantized block scales: one launch ---------------------------------------------
+@pytest.mark.parametrize("n_blocks, offset, sbs", [(1, 0, 256), (3000, 0, 256), (1030, 37, 64), (5, 3, 4)])
+def test_block_scales_kernel_is_bit_exact(n_blocks, offset, sbs):
+    torch.manual_seed(n_blocks)
+    qs = torch.randint(-128, 128, (n_blocks,), dtype=torch.int8)
+    scaler_scale = torch.rand((offset + n_blocks - 1) // sbs + 1) * 1e-3
+    mean = torch.tensor(0.0173)
+    ref = nf4_block_scales_reference(qs, scaler_scale, mean, offset, sbs)
+    assert torch.equal(nf4_block_scales_triton(qs, scaler_scale, mean, offset, sbs), ref)
+    assert torch.equal(nf4_block_scales(qs, scaler_scale, mean, offset, sbs), ref)  # CPU: torch ops
+
+
+def test_block_scales_of_a_window_match_the_whole_weight():
+    # a row window of an NF4 weight starts inside a scaler block (scaler_offset != 0)
+    q = NF4Tensor.from_float(torch.randn(64, 256), block_size=64, scaler_block_size=256)
+    rows = q[5:9]
+    assert rows.scaler_offset != 0
+    whole = nf4_block_scales_triton(q.quantized_scalers, q.scaler_scale, q.scaler_mean, 0, 256)
+    part = nf4_block_scales_triton(
+        rows.quantized_scalers, rows.scaler_scale, rows.scaler_mean, rows.scaler_offset, 256
+    )
+    assert torch.equal(part, whole.view(64, -1)[5:9].reshape(-1))
+
+
+@pytest.mark.gpu
+def test_block_scales_kernel_is_bit_exact_on_cuda():
+    # the kernel is launched without FMA contraction: the product and the sum each rounded, as torch
+    q = NF4Tensor.from_float(torch.randn(14336, 4096, device="cuda") * 0.02)
+    args = (q.quantized_scalers, q.scaler_scale, q.scaler_mean, q.scaler_offset, q.scaler_block_size)
+    assert torch.equal(nf4_block_scales_triton(*args), nf4_block_scales_reference(*args))
 
 
 def _float64_linear(x, codes, scale, block_size, bias=None):
@@ -151,20 +186,6 @@ def test_dequantize_triton_matches_reference(block_size, dtype):
     else:
         assert torch.equal(w, ref.to(dtype))
     assert torch.equal(nf4_dequantize(codes, scale, LEVELS, block_size, dtype), ref.to(dtype))  # CPU: torch ops
-
-
-@pytest.mark.parametrize(
-    "n, k, block_size, dtype",  # K 1280: a part tile of 512
-    [(40, 1024, 64, torch.bfloat16), (33, 1280, 16, torch.float16), (33, 1280, 256, torch.bfloat16)],
-    ids=["N40-K1024-bs64-bf16", "N33-K1280-bs16-fp16", "N33-K1280-bs256-bf16"],
-)
-def test_dequantize_words_kernel_equals_the_gathered_tiles(monkeypatch, n, k, block_size, dtype):
-    # DEQUANTIZE_WORDS: levels by prmt from four byte planes (exact fp32), pairs stored as int32
-    codes, scale = _weight(n, k, block_size)
-    gathered = nf4_dequantize_triton(codes, scale, LEVELS, block_size, dtype)
-    monkeypatch.setattr(nf4_mm_module, "DEQUANTIZE_WORDS", True)
-    words = nf4_dequantize_triton(codes, scale, LEVELS, block_size, dtype)
-    assert torch.equal(words, gathered)
 
 
 @pytest.mark.parametrize("block_size", [8, 48, 512])
@@ -293,9 +314,8 @@ def test_triton_matches_reference_on_cuda(m, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("words", [1, 2], ids=["gather", "prmt"])
-def test_words_rows_match_reference_on_cuda(words):
-    # each one-row words path launched alone on a real GPU (the autotuner runs only the fastest):
+def test_words_row_matches_reference_on_cuda():
+    # the one-row words path launched alone on a real GPU (the autotuner runs only the fastest):
     # the PTX prmt lookup must give the fp16 levels exactly
     import triton
 
@@ -308,28 +328,17 @@ def test_words_rows_match_reference_on_cuda(words):
     nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, 16),)](
         x, q.codes, scale2, _level_table(q.device), scale2, y, 1, n, k, *x.stride(), *q.codes.stride(),
         *scale2.stride(), *y.stride(),
-        BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, WORDS=words,
+        BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, WORDS=True,
     )  # fmt: skip
-    levels = _level_table(q.device) if words == 1 else _level_table(q.device).half().float()
+    levels = _level_table(q.device).half().float()
     y_ref = nf4_mm_reference(x, q.codes, q.block_scales(), levels, block_size)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_dequantize_words_kernel_equals_the_gathered_tiles_on_cuda(monkeypatch, dtype):
-    q = NF4Tensor.from_float(torch.randn(4096, 4096, device="cuda") * 0.02)
-    args = (q.codes, q.block_scales(), _level_table(q.device), q.block_size, dtype)
-    gathered = nf4_dequantize_triton(*args)
-    monkeypatch.setattr(nf4_mm_module, "DEQUANTIZE_WORDS", True)
-    assert torch.equal(nf4_dequantize_triton(*args), gathered)  # both round the fp32 product once
-
-
-# ---- one row of codes read as int32 words (_nf4_words_row: gathered levels or LUT) ----------------------
-@pytest.mark.parametrize("words", [1, 2], ids=["gather", "prmt"])
+# ---- one row of codes read as int32 words, levels by prmt (_nf4_words_row) ---------------------------
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256), (16, 512)])
-def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k, words):
+def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k):
     # On a GPU the autotuner times these tiles (K tiles of several scale blocks) against the byte
     # tiles; the interpreter's list has one byte tile, so the words path is launched here by hand.
     import triton
@@ -343,10 +352,10 @@ def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k,
     nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
         x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
         BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
-        WORDS=words,
+        WORDS=True,
     )  # fmt: skip
     # prmt: the levels as fp16, each within 2**-12 of itself: the sum within ~2**-12 of its magnitude
-    levels = LEVELS if words == 1 else LEVELS.half().float()
+    levels = LEVELS.half().float()
     torch.testing.assert_close(y, nf4_mm_reference(x, codes, scale, levels, block_size), rtol=1e-5, atol=1e-4)
 
 
@@ -362,29 +371,16 @@ def test_words_tiles_are_offered_only_for_one_aligned_row():
     assert kept(BLOCK_SIZE=64, BLOCK_M=2, WORDS_OK=True) == [(64, False)]
 
 
-def test_prmt_tiles_are_offered_only_with_the_flag(monkeypatch):
-    import triton
-
-    tiles = ((64, 0), (1024, 1), (1024, 2))
-    configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": k, "WORDS": w}, num_warps=4) for k, w in tiles]
-    prune = nf4_mm_module._prune_gemv
-    kept = lambda: [c.kwargs["WORDS"] for c in prune(configs, {}, BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True)]  # noqa: E731
-    assert kept() == [0, 1]
-    monkeypatch.setattr(nf4_mm_module, "LUT_GEMV", True)
-    assert kept() == [0, 1, 2]
-
-
 def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
     # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
-    # the GPU list that the prune keeps for one aligned row (prmt tiles included), launched here by hand
+    # the GPU list that the prune keeps for one aligned row (the prmt words tiles included), launched by hand
     import triton
 
     monkeypatch.setattr(nf4_mm_module.wmm, "interpreted", lambda: False)
     configs = nf4_mm_module._gemv_configs()
     monkeypatch.undo()
-    monkeypatch.setattr(nf4_mm_module, "LUT_GEMV", True)
     kept = nf4_mm_module._prune_gemv(configs, {}, BLOCK_SIZE=64, BLOCK_M=1, WORDS_OK=True)
-    assert {c.kwargs["WORDS"] for c in kept} == {False, 1, 2}
+    assert {c.kwargs["WORDS"] for c in kept} == {False, True}
     torch.manual_seed(0)
     n, k = 20, 2048
     codes, scale = _weight(n, k, 64)
@@ -395,6 +391,6 @@ def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
             x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
             BLOCK_SIZE=64, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs,
         )  # fmt: skip
-        levels = LEVELS.half().float() if c.kwargs["WORDS"] == 2 else LEVELS
+        levels = LEVELS.half().float() if c.kwargs["WORDS"] else LEVELS
         ref = nf4_mm_reference(x, codes, scale, levels, 64)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=lambda m, c=c: f"{c.kwargs}: {m}")
