@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also under `python -m` or pytest
-from linear_latency import ROWS, Row, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth
-from linear_latency import print_table, quantframe_linear
+from linear_latency import ROWS, Timer, _cell, _dense_linear, _error, bnb_nf4, copy_bandwidth
+from linear_latency import print_table
 
 from quantframe.tensor import QuantTensor
 

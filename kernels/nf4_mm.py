@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _weight_mm as wmm
 from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
