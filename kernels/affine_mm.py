@@ -262,9 +262,11 @@ def _int4_words_row(
 
 # (BLOCK_N, BLOCK_K); long K tiles (256, 512) measured fastest for one row on H200 (int8 16 x 256:
 # 20.7 us against 28.0 at 16 x 128); they reach past a group only in _int4_words_row (prune_gemv).
+# 2,048 and 4,096 (words only: the prune drops them elsewhere) are untimed candidates: for the NF4 and
+# ternary word GEMVs the best tiles were 8 x 4,096 / 16 x 2,048 (H200, stop 16).
 _GEMV_SHAPES = [
     (16, 16), (16, 32), (16, 64), (32, 32), (16, 128), (32, 64), (32, 128), (64, 64), (32, 256), (64, 128),
-    (16, 256), (16, 512), (8, 512), (8, 1024), (16, 1024), (32, 1024),
+    (16, 256), (16, 512), (8, 512), (8, 1024), (16, 1024), (32, 1024), (8, 2048), (16, 2048), (8, 4096),
 ]  # fmt: skip
 
 

@@ -346,6 +346,31 @@ def test_int4_words_row_matches_reference_across_groups(group, block_n, block_k)
     torch.testing.assert_close(y, affine_mm_reference(x, qdata, scale, zero_point, 4, group), rtol=1e-5, atol=1e-4)
 
 
+def test_every_gpu_gemv_config_for_one_row_of_int4_words_matches_the_reference(monkeypatch):
+    # The autotuner keeps whichever offered config is fastest, so each must be right: every config of the
+    # GPU list that the prune keeps for one row of 4-bit words at group 128, launched by hand
+    from quantframe.kernels import _weight_mm as wmm
+
+    monkeypatch.setattr(wmm, "interpreted", lambda: False)
+    configs = wmm.gemv_configs(affine_mm_module._GEMV_SHAPES, interpreter_block_k=16)
+    monkeypatch.undo()
+    kept = wmm.prune_gemv("GROUP_SIZE", "WORDS")(configs, {}, GROUP_SIZE=128, BLOCK_M=1, WORDS=True)
+    assert {c.kwargs["BLOCK_K"] for c in kept} >= {128, 1024, 4096}
+    torch.manual_seed(0)
+    n, k = 9, 4096  # a part tile at every BLOCK_N
+    qdata, scale, zero_point = _weight(n, k, 4, 128, False)
+    x = torch.randn(1, k)
+    ref = affine_mm_reference(x, qdata, scale, zero_point, 4, 128)
+    for c in kept:
+        y = torch.empty(1, n)
+        args = (x, qdata, scale, zero_point, scale, y, 1, n, k, *x.stride(), *qdata.stride(), *scale.stride(),
+                *zero_point.stride(), *y.stride(), wmm.MAGIC_BITS)  # fmt: skip
+        affine_mm_module._affine_gemv_kernel.fn[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
+            *args, BITS=4, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_M=1, WORDS=True, **c.kwargs
+        )
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=lambda m, c=c: f"{c.kwargs}: {m}")
+
+
 def test_gemv_prune_lets_only_the_words_path_span_groups():
     from quantframe.kernels import _weight_mm as wmm
 
