@@ -5,8 +5,8 @@ Per token (a row ``[D]``, all math in fp32)::
     h     = x + residual            (stored in x.dtype and returned: the next residual stream)
     rstd  = 1 / sqrt(mean(h ** 2) + eps)
     n     = h * rstd * weight
-    scale = max(max_d |n|, 1e-5) / 127                 (as quantframe.ternary.quantize_activations_int8)
-    y     = clamp(round(n / scale), -128, 127) * scale (returned in x.dtype)
+    a     = max(max_d |n|, 1e-5)                       (as quantframe.ternary.quantize_activations_int8)
+    y     = clamp(round(n * (127 / a)), -128, 127) * (a / 127)   (returned in x.dtype)
 
 ``round`` is half to even. The backward is the straight-through estimator through the quantizer
 (``dy/dn`` = identity) and RMSNorm's exact backward; it recomputes ``rstd`` from the saved ``h``
@@ -62,8 +62,9 @@ class _QuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n: Tensor) -> Tensor:
         # Tensor / tensor: IEEE division on CPU and CUDA alike, as the kernel's div_rn (see int8_rowwise).
-        scale = n.abs().amax(dim=-1, keepdim=True).clamp(min=_QEPS) / torch.full_like(n[:, :1], 127.0)
-        return torch.round(n / scale).clamp(-128, 127) * scale
+        a = n.abs().amax(dim=-1, keepdim=True).clamp(min=_QEPS)
+        c127 = torch.full_like(a, 127.0)
+        return torch.round(n * (c127 / a)).clamp(-128, 127) * (a / c127)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -124,8 +125,9 @@ def _rmsnorm_quant_fwd_kernel(
     rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + tl.cast(eps, tl.float32))  # torch.compile passes floats as fp64
     n = h * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(n), axis=0), 1e-5), 127.0)
-    v = round_half_even(tl.math.div_rn(n, scale))  # |v| <= 127
+    a = tl.maximum(tl.max(tl.abs(n), axis=0), 1e-5)
+    scale = tl.math.div_rn(a, 127.0)
+    v = round_half_even(n * tl.math.div_rn(127.0, a))  # |v| <= 127 (up to a rounding of the product)
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
     tl.store(y_ptr + row * stride_ym + cols, _as_stored(v * scale, y_ptr), mask=mask)
 

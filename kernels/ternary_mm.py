@@ -5,8 +5,8 @@
 ``[N, ceil(K / 4)]`` holds four 2-bit codes a byte (first in the lowest bits, K padded with
 code 1 = ternary 0) and ``s`` is one fp32 scale: the layout of :class:`quantframe.ternary.TernaryWeight`.
 
-The activation codes are computed in torch (the fp32 formula of
-``quantframe.ternary.quantize_activations_int8``); the kernels unpack the weight in registers and
+The activation codes (the fp32 formula of ``quantframe.ternary.quantize_activations_int8``) come
+from one Triton pass (``_quantize_tokens_kernel``; one token: inside the GEMV); the kernels unpack the weight in registers and
 accumulate ``int8 x ternary`` products exactly in int32, then apply ``sx * s`` once per output:
 
 * ``M <= 16`` (decode): ``_ternary_gemv_kernel``, one program per ``BLOCK_N`` outputs holding
@@ -66,8 +66,9 @@ def _check_args(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -
 def _quantize_tokens(x2d: Tensor) -> tuple[Tensor, Tensor]:
     """int8 codes ``[M, K]`` and fp32 ``sx [M, 1]``: quantframe.ternary.quantize_activations_int8's ops."""
     x2d = x2d.float()
-    sx = x2d.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
-    return torch.round(x2d / sx).clamp(-128, 127).to(torch.int8), sx
+    a = x2d.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    c127 = torch.full_like(a, 127.0)  # tensor / tensor: IEEE division on CUDA too
+    return torch.round(x2d * (c127 / a)).clamp(-128, 127).to(torch.int8), a / c127
 
 
 def ternary_mm_reference(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -290,8 +291,8 @@ def _ternary_gemm_kernel(
 # ---- per-token activation quantization: one launch (eager torch ops make ~8 small ones) --------
 @triton.jit
 def _quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
-    """Row ``pid`` of x: ``sx = max(absmax, 1e-5) / 127``, ``codes = round_half_even(x / sx)`` (the ops
-    of :func:`_quantize_tokens`, IEEE division: bit for bit)."""
+    """Row ``pid`` of x: ``a = max(absmax, 1e-5)``, ``sx = a / 127``, ``codes = round_half_even(x * (127 / a))``
+    (the ops of :func:`_quantize_tokens`, IEEE divisions: bit for bit)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -299,12 +300,13 @@ def _quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
         v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
-    sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
-    tl.store(s_ptr + row, sx)
+    a = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    inv = tl.math.div_rn(127.0, a)
+    tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
         v = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        c = round_half_even(tl.math.div_rn(v, sx))
+        c = round_half_even(v * inv)
         tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(c, -128.0), 127.0).to(tl.int8), mask=cols < K)
 
 
@@ -422,27 +424,32 @@ def _ternary_token_gemv_kernel(
     quantization done by every program (``_quantize_tokens_kernel``'s ops, bit for bit: the token is
     8 KiB, L2-resident) and the products by ``_ternary_dp4a_row``'s scheme: one launch, where the
     unfused path makes two."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
+    # The first weight tile is requested before the token's absmax pass, so that its DRAM latency
+    # overlaps the pass; each later tile is requested one tile ahead (past K: masked, no traffic).
+    word = load_words(p_ptr, offs_n, mask_n, offs_w, K // 16, stride_pn)
     offs = tl.arange(0, BLOCK_X)
     amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_X):
         amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)))
-    sx = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_n = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 16).to(tl.int64)
+    a = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    sx, inv = tl.math.div_rn(a, 127.0), tl.math.div_rn(127.0, a)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.int32)
     x_sum = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         w_idx = k0 // 16 + offs_w
         mask_w = w_idx < K // 16
-        word = load_words(p_ptr, offs_n, mask_n, w_idx, K // 16, stride_pn)
+        ahead = load_words(p_ptr, offs_n, mask_n, w_idx + BLOCK_K // 16, K // 16, stride_pn)
         for t in tl.static_range(4):
             xt = tl.zeros((BLOCK_K // 16,), dtype=tl.int32)  # int8 codes of x[16i + t + (0, 4, 8, 12)]
             for q in tl.static_range(4):
                 v = tl.load(x_ptr + 16 * w_idx + 4 * q + t, mask=mask_w, other=0.0).to(tl.float32)
-                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(v, sx)), -128.0), 127.0).to(tl.int32)
+                c = tl.minimum(tl.maximum(round_half_even(v * inv), -128.0), 127.0).to(tl.int32)
                 xt = xt | ((c & 0xFF) << 8 * q)
             acc, x_sum = _dp4a_codes(word, t, xt, acc, x_sum)
+        word = ahead
     acc1 = (tl.sum(acc, axis=1) - tl.sum(x_sum, axis=0))[:, None]
     offs_m = tl.arange(0, 1).to(tl.int64)
     out = acc1.to(tl.float32) * tl.load(s_ptr) * sx

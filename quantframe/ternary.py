@@ -15,14 +15,18 @@ Formulas (W [N, K] the float weight, x [M, K] the input, both taken in fp32)::
     weights      s   = max(mean(|W|), 1e-5)                       (absmean, one scalar)
                  Wt  = clamp(round(W / s), -1, 1)                 (int8 codes in {-1, 0, 1})
                  Wq  = Wt * s
-    activations  sx  = max(max_k |x[m, k]|, 1e-5) / 127           (absmax per token, [M, 1])
-                 xt  = clamp(round(x / sx), -128, 127)            (int8 codes)
-                 xq  = xt * sx
+    activations  a   = max(max_k |x[m, k]|, 1e-5)                 (absmax per token, [M, 1])
+                 xt  = clamp(round(x * (127 / a)), -128, 127)     (int8 codes)
+                 sx  = a / 127,  xq = xt * sx
     output       y   = xq @ Wq.T + bias
     STE backward dx  = g @ Wq       (the activation quantizer passes gradients as identity)
                  dW  = g.T @ xq     (dense, to the float master weight)
 
-``round`` is round-half-to-even (``torch.round``). The reference computes all of this in fp32
+``round`` is round-half-to-even (``torch.round``). The activation codes multiply by ``127 / a``, as
+BitNet b1.58's reference ``activation_quant`` does: one division per token, none per element (the
+kernels' cost), every step an IEEE fp32 operation on CPU and GPU alike (tensor / tensor divisions:
+CUDA turns a division by a Python scalar into a multiplication by its reciprocal). The reference
+computes all of this in fp32
 and casts the output to the input's dtype, so a converted model's outputs equal the training
 model's forward bit for bit.
 """
@@ -103,15 +107,16 @@ def ternary_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token absmax INT8 quantization of ``x [M, K]``: ``(codes int8 [M, K], scale fp32 [M, 1])``.
 
-    ``scale = max(max_k |x[m, k]|, 1e-5) / 127``, ``codes = clamp(round(x / scale), -128, 127)``;
-    ``x ~ codes * scale``. Raises ``TypeError`` for a non-float input.
+    With ``a = max(max_k |x[m, k]|, 1e-5)``: ``codes = clamp(round(x * (127 / a)), -128, 127)``,
+    ``scale = a / 127``; ``x ~ codes * scale``. Raises ``TypeError`` for a non-float input.
     """
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"quantize_activations_int8: input must be a float tensor, got {got}")
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / 127
-    return torch.round(x / scale).clamp(-128, 127).to(torch.int8), scale
+    a = x.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS)
+    c127 = torch.full_like(a, 127.0)  # tensor / tensor: IEEE division on CUDA too
+    return torch.round(x * (c127 / a)).clamp(-128, 127).to(torch.int8), a / c127
 
 
 def _act(x2d: Tensor) -> Tensor:

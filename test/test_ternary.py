@@ -30,8 +30,8 @@ def _reference(x, w, bias=None):
     w, x = w.double(), x.double()
     s = w.abs().mean().clamp(min=1e-5)
     wq = torch.round(w / s).clamp(-1, 1) * s
-    sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 127
-    xq = torch.round(x / sx).clamp(-128, 127) * sx
+    a = x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    xq = torch.round(x * (127 / a)).clamp(-128, 127) * (a / 127)
     y = xq @ wq.T
     return (y if bias is None else y + bias.double()), xq, wq
 
@@ -49,11 +49,12 @@ def test_ternary_quantize_hand_worked():
 
 
 def test_activation_quantize_hand_worked():
-    x = torch.tensor([[1.27, -0.635, 0.001, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # absmax 254: codes = round(x * 0.5), every value exact in binary
+    x = torch.tensor([[254.0, -127.0, 0.75, 0.0, -5.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     codes, scale = quantize_activations_int8(x)
     assert codes.dtype == torch.int8 and scale.shape == (2, 1)
-    torch.testing.assert_close(scale, torch.tensor([[0.01], [1e-5 / 127]]))
-    assert codes.tolist() == [[127, -64, 0, 0], [0, 0, 0, 0]]  # -63.5 rounds half to even
+    torch.testing.assert_close(scale, torch.tensor([[2.0], [1e-5 / 127]]))
+    assert codes.tolist() == [[127, -64, 0, 0, -2], [0, 0, 0, 0, 0]]  # -63.5, 0.375, -2.5: half to even
 
 
 def test_activation_codes_stay_in_range():
