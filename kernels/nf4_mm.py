@@ -16,7 +16,8 @@ NormalFloat4 values (fp32). Each program reads its slice of the packed weight on
 Both unpack the nibbles in registers and look the level up with a gather load from the 16-entry
 table (64 bytes, L1-resident); one row of word-aligned codes instead reads int32 words and looks the
 levels up in registers with ``prmt`` byte permutes (``_nf4_words_row``).
-``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``, so a ``BLOCK_K`` slice has one scale per row and no tile reaches past ``K``.
+``BLOCK_K`` divides ``block_size`` and ``block_size`` divides ``K``, so a ``BLOCK_K`` slice has one
+scale per row and no tile reaches past ``K``.
 
 Gradient with respect to x (frozen base, QLoRA): no Triton kernel; :func:`nf4_mm_grad_input`
 dequantizes ``W`` once into the gradient's dtype and runs one matmul on CUDA (fp32 math elsewhere).
@@ -42,6 +43,7 @@ __all__ = [
     "nf4_dequantize_triton",
     "nf4_mm",
     "nf4_mm_dense",
+    "nf4_mm_double_quant",
     "nf4_mm_grad_input",
     "nf4_mm_reference",
     "nf4_mm_triton",
@@ -207,9 +209,43 @@ def _lookup4(sel, sel2, t0, t1, t2, t3):
 
 
 @triton.jit
+def _rn(a, b, OP: tl.constexpr):
+    """``a * b`` (OP 0) or ``a + b`` (OP 1) in fp32, rounded on its own: PTX ``mul.rn`` / ``add.rn`` are
+    never contracted into an FMA, so a product then a sum round twice, as two torch ops do. The
+    interpreter (numpy) rounds each op anyway."""
+    if _PRMT_ASM:
+        if OP == 0:
+            out = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                            is_pure=True, pack=1)  # fmt: skip
+        else:
+            out = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                            is_pure=True, pack=1)  # fmt: skip
+    elif OP == 0:
+        out = a * b
+    else:
+        out = a + b
+    return out
+
+
+@triton.jit
+def _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr, SBS: tl.constexpr):
+    """fp32 scales of the blocks at flat indices ``idx``: ``s_ptr[idx]`` (fp32 block scales), or with
+    ``DQ`` the double quantization's ``qs[idx] * scaler_scale[(idx + q_offset) // SBS] + mean`` (``s_ptr``:
+    the int8 ``qs``), bit for bit :func:`nf4_block_scales_reference`."""
+    if DQ:
+        q = tl.load(s_ptr + idx, mask=mask, other=0).to(tl.float32)
+        ss = tl.load(ss_ptr + (idx + q_offset) // SBS, mask=mask, other=0.0)
+        s = _rn(_rn(q, ss, 0), tl.load(mean_ptr) + tl.zeros_like(q), 1)
+    else:
+        s = tl.load(s_ptr + idx, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
 def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ss_ptr, mean_ptr, q_offset,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DQ: tl.constexpr, SBS: tl.constexpr,
 ):  # fmt: skip
     """fp32 ``[BLOCK_N, 1]`` = one row of x times NF4 codes read as int32 words (``codes`` rows
     4-byte aligned, ``K % 8 == 0``; ``stride_cn`` in bytes), K tiles of several scale blocks.
@@ -224,7 +260,8 @@ def _nf4_words_row(
     picks four codes' bytes at once from eight entries (two ``prmt``) and a third picks between the
     two eights by each code's top bit; two more interleave the planes into fp16 pairs, converted to
     fp32 for the FMAs (sm_90: 6.2-8.3 loop instructions a code against 12.7 gathering; H200, one
-    token of 14336 x 4096: 60.6 us against 109.8 with gathered levels)."""
+    token of 14336 x 4096: 24.9 us for the kernel alone; the eager layer 60.6 against 109.8 gathering,
+    both with the block scales then computed by six torch kernels)."""
     lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
     lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
     hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
@@ -251,14 +288,15 @@ def _nf4_words_row(
                     xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0)
                     part += level * xj.to(tl.float32)[None, :]  # words past K: code 0 meets x = 0
         if BLOCK_SIZE >= BLOCK_K:
-            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+            idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
+            s = _block_scales(s_ptr, idx, mask_n, ss_ptr, mean_ptr, q_offset, DQ, SBS)
             acc += part * s[:, None]
         else:
             bs = k0 // BLOCK_SIZE + tl.arange(0, BLOCK_K // BLOCK_SIZE)
             mask = mask_n[:, None] & (bs < K // BLOCK_SIZE)[None, :]
             part_b = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // BLOCK_SIZE, BLOCK_SIZE // 8)), axis=2)
-            scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + bs[None, :] * stride_sg, mask=mask, other=0.0)
-            acc_b += part_b * scale
+            idx = offs_n[:, None] * stride_sn + bs[None, :] * stride_sg
+            acc_b += part_b * _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ, SBS)
     if BLOCK_SIZE >= BLOCK_K:
         return tl.sum(acc, axis=1)[:, None]
     return tl.sum(acc_b, axis=1)[:, None]
@@ -295,7 +333,7 @@ def _prune_gemv(configs, named_args, **kwargs):
 @triton.autotune(
     # (BLOCK_N, BLOCK_K) at 4 warps; the interpreter's BLOCK_K 16 divides every block_size >= 16.
     configs=_gemv_configs(),
-    key=["N", "K", "BLOCK_SIZE", "BLOCK_M", "WORDS_OK"],
+    key=["N", "K", "BLOCK_SIZE", "BLOCK_M", "WORDS_OK", "DQ"],
     prune_configs_by={"early_config_prune": _prune_gemv},
 )
 @triton.jit
@@ -310,6 +348,10 @@ def _nf4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE (byte tiles) or is a multiple of it (words tiles)
     WORDS: tl.constexpr,  # codes as int32 words, levels by prmt (_nf4_words_row)
+    # DQ: s_ptr is the double quantization's int8 [N, K/BS] (contiguous), each block's scale made here
+    # (_block_scales) from ss_ptr (fp32 scaler scales, one a SBS blocks, the first q_offset blocks in) and
+    # mean_ptr (fp32 []): nf4_mm_double_quant's eager one-row launch, no separate scales kernel
+    ss_ptr=None, mean_ptr=None, q_offset=0, DQ: tl.constexpr = False, SBS: tl.constexpr = 256,
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -319,8 +361,8 @@ def _nf4_gemv_kernel(
     mask_m = offs_m < M
     if WORDS:
         acc = _nf4_words_row(
-            x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, BLOCK_SIZE,
-            BLOCK_N, BLOCK_K,
+            x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg, ss_ptr,
+            mean_ptr, q_offset, BLOCK_SIZE, BLOCK_N, BLOCK_K, DQ, SBS,
         )  # fmt: skip
         bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
         return
@@ -329,7 +371,8 @@ def _nf4_gemv_kernel(
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
-            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+            idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
+            s = _block_scales(s_ptr, idx, mask_n, ss_ptr, mean_ptr, q_offset, DQ, SBS)
             xv = tl.load(x_ptr + (k0 + tl.arange(0, BLOCK_K).to(tl.int64)) * stride_xk).to(tl.float32)
             acc1 += (w * s[:, None]) * xv[None, :]
         acc = tl.sum(acc1, axis=1)[:, None]  # [BLOCK_N, 1]
@@ -342,8 +385,8 @@ def _nf4_gemv_kernel(
         x_ptrs = x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm
         xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_M]
         part = tl.sum(w[:, :, None] * xt[None, :, :], axis=1)  # [BLOCK_N, BLOCK_M]
-        s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
-        acc += part * s[:, None]
+        idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
+        acc += part * _block_scales(s_ptr, idx, mask_n, ss_ptr, mean_ptr, q_offset, DQ, SBS)[:, None]
     bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
@@ -409,7 +452,9 @@ def _nf4_dequantize_kernel(
 
 
 # ---- the double-quantized block scales ---------------------------------------------------------
-def nf4_block_scales_reference(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int) -> Tensor:
+def nf4_block_scales_reference(
+    qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int
+) -> Tensor:
     """fp32 ``[n_blocks]``: ``qs[b] * scaler_scale[(b + offset) // scaler_block_size] + mean`` (int8
     ``qs``, fp32 ``scaler_scale`` and 0-dim ``mean``: :class:`quantframe.nf4.NF4Tensor`'s fields), one
     rounding after the product and one after the sum."""
@@ -418,7 +463,9 @@ def nf4_block_scales_reference(qs: Tensor, scaler_scale: Tensor, mean: Tensor, o
 
 
 @triton.jit
-def _nf4_block_scales_kernel(qs_ptr, ss_ptr, mean_ptr, out_ptr, n_blocks, offset, SBS: tl.constexpr, BLOCK: tl.constexpr):
+def _nf4_block_scales_kernel(
+    qs_ptr, ss_ptr, mean_ptr, out_ptr, n_blocks, offset, SBS: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_blocks
     q = tl.load(qs_ptr + offs, mask=mask, other=0).to(tl.float32)
@@ -426,7 +473,9 @@ def _nf4_block_scales_kernel(qs_ptr, ss_ptr, mean_ptr, out_ptr, n_blocks, offset
     tl.store(out_ptr + offs, q * s + tl.load(mean_ptr), mask=mask)  # launched without FMA contraction
 
 
-def nf4_block_scales_triton(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int) -> Tensor:
+def nf4_block_scales_triton(
+    qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int, scaler_block_size: int
+) -> Tensor:
     """:func:`nf4_block_scales_reference` in one launch, bit for bit (no fused multiply-add). Eager
     only: the decode path's scales were six torch kernels a call (~30 us of a one-token NF4 layer
     under CUDA graphs on the H200), which inductor fuses by itself under compile."""
@@ -512,6 +561,51 @@ def nf4_mm_triton(
         bias,
     )
     return y.reshape(*lead, y.shape[-1])
+
+
+def _takes_double_quant_gemv(x, codes, qs, scaler_scale, mean, levels, block_size, bias) -> bool:
+    """Whether :func:`nf4_mm_double_quant`'s one-launch GEMV applies; anything else takes the general
+    path, which also reports bad arguments."""
+    k = x.shape[-1] if x.dim() else 0
+    n = codes.shape[0] if codes.dim() == 2 else 0
+    tensors = (x, codes, qs, scaler_scale, mean, levels) + (() if bias is None else (bias,))
+    return (
+        use_triton(x) and not is_traced(x) and x.numel() == k > 0 and n > 0 and x.dtype.is_floating_point
+        and codes.dtype == torch.uint8 and codes.shape[1] * 2 == k and qs.dtype == torch.int8
+        and qs.is_contiguous() and qs.numel() * block_size == n * k and scaler_scale.is_contiguous()
+        and scaler_scale.dtype == torch.float32 and mean.numel() == 1 and levels.shape == (16,)
+        and (bias is None or (bias.shape == (n,) and bias.is_floating_point()))
+        and all(t.device == x.device for t in tensors)
+        and _kernel_problem(x, block_size) is None
+    )  # fmt: skip
+
+
+def nf4_mm_double_quant(
+    x: Tensor, codes: Tensor, qs: Tensor, scaler_scale: Tensor, mean: Tensor, scaler_offset: int,
+    scaler_block_size: int, levels: Tensor, block_size: int, bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """:func:`nf4_mm` with the block scales given as their double quantization (``NF4Tensor``'s
+    ``quantized_scalers``, ``scaler_scale``, ``scaler_mean``, ``scaler_offset``, ``scaler_block_size``).
+
+    One row of x on CUDA, eager: the GEMV computes each block's scale where it needs it (one launch;
+    the separate scales kernel cost 3.6 us of a 28 us one-token call on the H200). Everything else
+    (more rows, tracing, CPU, a strided ``qs``): :func:`nf4_block_scales` then :func:`nf4_mm`; the
+    same values either way (the scales bit for bit, the sums up to order)."""
+    if _takes_double_quant_gemv(x, codes, qs, scaler_scale, mean, levels, block_size, bias):
+        n, k = codes.shape[0], x.shape[-1]
+        x2 = x.reshape(1, k)
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        qs2 = qs.view(n, k // block_size)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _nf4_gemv_kernel[grid](
+            x2, codes, qs2, levels.float().contiguous(), bias if bias is not None else scaler_scale, y, 1, n, k,
+            *x2.stride(), *codes.stride(), *qs2.stride(), *y.stride(), BLOCK_SIZE=block_size,
+            HAS_BIAS=bias is not None, WORDS_OK=wmm.word_rows(codes, 8, k), BLOCK_M=1, ss_ptr=scaler_scale,
+            mean_ptr=mean.float().reshape(()), q_offset=scaler_offset, DQ=True, SBS=scaler_block_size,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], n)
+    scale = nf4_block_scales(qs, scaler_scale, mean, scaler_offset, scaler_block_size)
+    return nf4_mm(x, codes, scale, levels, block_size, bias)
 
 
 def nf4_dequantize_triton(codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:

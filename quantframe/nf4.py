@@ -265,12 +265,15 @@ class _LinearNF4(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: NF4Tensor, bias: Tensor | None):
-        from quantframe.kernels.nf4_mm import nf4_mm  # lazy: keeps `import quantframe` triton-free
+        from quantframe.kernels.nf4_mm import nf4_mm_double_quant  # lazy: keeps `import quantframe` triton-free
 
         ctx.save_for_backward(weight)
         ctx.has_bias = bias is not None
-        w = weight  # codes [N, K // 2], fp32 block scales [N * K // block_size]
-        return nf4_mm(x, w.codes, w.block_scales(), _level_table(w.device), w.block_size, bias)
+        w = weight  # codes [N, K // 2]; the block scales as their double quantization
+        return nf4_mm_double_quant(
+            x, w.codes, w.quantized_scalers, w.scaler_scale, w.scaler_mean, w.scaler_offset, w.scaler_block_size,
+            _level_table(w.device), w.block_size, bias,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

@@ -15,6 +15,7 @@ from quantframe.kernels.nf4_mm import (
     nf4_dequantize_triton,
     nf4_mm,
     nf4_mm_dense,
+    nf4_mm_double_quant,
     nf4_mm_grad_input,
     nf4_mm_reference,
     nf4_mm_triton,
@@ -58,6 +59,80 @@ def test_block_scales_of_a_window_match_the_whole_weight():
         rows.quantized_scalers, rows.scaler_scale, rows.scaler_mean, rows.scaler_offset, 256
     )
     assert torch.equal(part, whole.view(64, -1)[5:9].reshape(-1))
+
+
+# ---- one row with the scales made inside the GEMV (nf4_mm_double_quant) -------------------------
+def _dq_args(q):
+    return q.quantized_scalers, q.scaler_scale, q.scaler_mean, q.scaler_offset, q.scaler_block_size
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows, k", [(1, 256), (1, 128), (3, 256)], ids=["one-row", "one-row-K128", "3-rows"])
+def test_double_quant_path_equals_the_scales_then_the_gemv(monkeypatch, rows, k, bias):
+    # with the dispatch forced to the kernels (CPU tensors, interpreter): one row takes the one-launch
+    # GEMV, bit for bit the GEMV fed the precomputed block scales; more rows take that general path
+    torch.manual_seed(rows)
+    q = NF4Tensor.from_float(torch.randn(40, k), block_size=64, scaler_block_size=16)
+    b = torch.randn(40) if bias else None
+    x = torch.randn(rows, k)
+    monkeypatch.setattr(nf4_mm_module, "use_triton", lambda t: True)
+    launched = []
+    kernel = nf4_mm_module._nf4_gemv_kernel
+    monkeypatch.setattr(nf4_mm_module, "_nf4_gemv_kernel", _Spy(kernel, launched))
+    y = nf4_mm_double_quant(x, q.codes, *_dq_args(q), LEVELS, 64, b)
+    assert len(launched) == (1 if rows == 1 else 0)  # the general path launches through wrap_triton
+    monkeypatch.setattr(nf4_mm_module, "_nf4_gemv_kernel", kernel)
+    expected = nf4_mm_triton(x, q.codes, q.block_scales(), LEVELS, 64, b)
+    assert torch.equal(y, expected)
+
+
+class _Spy:
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256)])
+def test_double_quant_words_row_equals_precomputed_scales(block_n, block_k):
+    # the words tiles (GPU) with the scales made inside, launched by hand: the same sums as with the
+    # block scales precomputed, including a weight window that starts inside a scaler block
+    import triton
+
+    torch.manual_seed(0)
+    whole = NF4Tensor.from_float(torch.randn(48, 256), block_size=64, scaler_block_size=16)
+    q = whole[5:25]  # scaler_offset != 0
+    assert q.scaler_offset != 0
+    n, k = 20, 256
+    x, outs = torch.randn(1, k), []
+    for dq in (False, True):
+        s2 = (q.quantized_scalers if dq else q.block_scales()).reshape(n, k // 64)
+        y = torch.empty(1, n)
+        nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
+            x, q.codes, s2, LEVELS, s2, y, 1, n, k, *x.stride(), *q.codes.stride(), *s2.stride(), *y.stride(),
+            BLOCK_SIZE=64, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=True,
+            ss_ptr=q.scaler_scale, mean_ptr=q.scaler_mean, q_offset=q.scaler_offset, DQ=dq, SBS=16,
+        )  # fmt: skip
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_double_quant_path_reports_bad_arguments_as_nf4_mm():
+    q = NF4Tensor.from_float(torch.randn(8, 128), scaler_block_size=16)
+    with pytest.raises(ValueError, match="levels.shape"):
+        nf4_mm_double_quant(torch.randn(1, 128), q.codes, *_dq_args(q), LEVELS[:8], 64)
+
+
+@pytest.mark.gpu
+def test_double_quant_gemv_matches_the_layer_on_cuda():
+    # PTX mul.rn / add.rn: the scales made inside round as the separate kernel's do
+    q = NF4Tensor.from_float(torch.randn(4096, 4096, device="cuda") * 0.02)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    lv = _level_table(q.device)
+    y = nf4_mm_double_quant(x, q.codes, *_dq_args(q), lv, q.block_size)
+    assert torch.equal(y, nf4_mm(x, q.codes, q.block_scales(), lv, q.block_size))
 
 
 @pytest.mark.gpu
