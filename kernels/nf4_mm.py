@@ -242,6 +242,24 @@ def _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr
 
 
 @triton.jit
+def _halves(v, W: tl.constexpr, C: tl.constexpr):
+    """``v [W, C]`` -> (columns 0, 2, 4, ...), (columns 1, 3, 5, ...), each ``[W, C // 2]`` (in registers)."""
+    return tl.split(tl.reshape(v, (W, C // 2, 2)))
+
+
+@triton.jit
+def _x_column(xb, m: tl.constexpr, W: tl.constexpr):
+    """Column ``m`` of ``xb [W, 8]`` as a ``[W]`` vector, by three register splits (no data movement)."""
+    e1, o1 = _halves(xb, W, 8)  # columns 0, 2, 4, 6 / 1, 3, 5, 7
+    v1 = o1 if m % 2 else e1
+    e2, o2 = _halves(v1, W, 4)
+    v2 = o2 if (m // 2) % 2 else e2
+    e3, o3 = _halves(v2, W, 2)
+    v3 = o3 if m // 4 else e3
+    return tl.reshape(v3, (W,))
+
+
+@triton.jit
 def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
     ss_ptr, mean_ptr, q_offset,
@@ -274,6 +292,9 @@ def _nf4_words_row(
         mask_w = w_idx < K // 8
         word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        # x[8i .. 8i + 7] as one [W, 8] load (each thread's eight contiguous), split per code in registers
+        xb = tl.load(x_ptr + (8 * w_idx[:, None] + tl.arange(0, 8)[None, :]) * stride_xk, mask=mask_w[:, None],
+                     other=0.0).to(tl.float32)  # fmt: skip
         for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word
             half = word >> 16 * h
             sel = half & 0x7777
@@ -285,8 +306,8 @@ def _nf4_words_row(
                 for r in tl.static_range(2):
                     level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                     p = 4 * h + 2 * q + r
-                    xj = tl.load(x_ptr + (8 * w_idx + (p ^ 1)) * stride_xk, mask=mask_w, other=0.0)
-                    part += level * xj.to(tl.float32)[None, :]  # words past K: code 0 meets x = 0
+                    xj = _x_column(xb, p ^ 1, BLOCK_K // 8)
+                    part += level * xj[None, :]  # words past K: code 0 meets x = 0
         if BLOCK_SIZE >= BLOCK_K:
             idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
             s = _block_scales(s_ptr, idx, mask_n, ss_ptr, mean_ptr, q_offset, DQ, SBS)
