@@ -102,6 +102,27 @@ def words_configs(configs: list, kwargs: dict) -> list:
     return [c for c in configs if c.kwargs["WORDS"]]
 
 
+@triton.jit
+def halves(v, W: tl.constexpr, C: tl.constexpr):
+    """``v [W, C]`` -> (columns 0, 2, 4, ...), (columns 1, 3, 5, ...), each ``[W, C // 2]`` (in registers)."""
+    return tl.split(tl.reshape(v, (W, C // 2, 2)))
+
+
+@triton.jit
+def x_column(xb, m: tl.constexpr, W: tl.constexpr):
+    """Column ``m`` of ``xb [W, 8]`` as a ``[W]`` vector, by three register splits (no data movement):
+    the one-row word GEMVs load ``x[8i .. 8i + 7]`` as one ``[W, 8]`` tile (each thread's eight
+    contiguous) and take each code's x from it, instead of eight strided loads (sm_90: fewer shared-
+    memory round trips for the layout change)."""
+    e1, o1 = halves(xb, W, 8)  # columns 0, 2, 4, 6 / 1, 3, 5, 7
+    v1 = o1 if m % 2 else e1
+    e2, o2 = halves(v1, W, 4)
+    v2 = o2 if (m // 2) % 2 else e2
+    e3, o3 = halves(v2, W, 2)
+    v3 = o3 if m // 4 else e3
+    return tl.reshape(v3, (W,))
+
+
 # ---- autotune configs --------------------------------------------------------------------------
 def gemv_configs(shapes: Sequence[tuple[int, int]], interpreter_block_k: int) -> list[triton.Config]:
     """(BLOCK_N, BLOCK_K) ``shapes`` at 4 warps; the interpreter gets one small config

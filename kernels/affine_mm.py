@@ -28,7 +28,7 @@ from torch.library import triton_op
 from quantframe import primitives as P
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words, x_column  # bare names: inductor resolves a user kernel's jit helpers by name
 from . import use_triton
 
 __all__ = [
@@ -229,10 +229,13 @@ def _int4_words_row(
         high = word >> 16  # nibbles 4-7 in bits 0-15 (the sign bits above are masked off)
         part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        # x[8i .. 8i + 7] as one [W, 8] load (each thread's eight contiguous), split per code in registers
+        xb = tl.load(x_ptr + (8 * w_idx[:, None] + tl.arange(0, 8)[None, :]) * stride_xk, mask=mask_w[:, None],
+                     other=0.0).to(tl.float32)  # fmt: skip
         for j in tl.static_range(8):
             half = word if j < 4 else high
             f = ((half & (15 << 4 * (j % 4))) | magic).to(tl.float32, bitcast=True) - 8388608.0  # code * 16**(j % 4)
-            xj = tl.load(x_ptr + (8 * w_idx + j) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+            xj = x_column(xb, j, BLOCK_K // 8)
             x_sum += xj
             part += f * (xj * (1.0 / (1 << 4 * (j % 4))))[None, :]
         if GROUP_SIZE == 0 or GROUP_SIZE >= BLOCK_K:  # one group per row of the tile

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store, load_words  # bare names: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words, x_column  # bare names: inductor resolves a user kernel's jit helpers by name
 from . import is_traced, use_triton
 
 __all__ = [
@@ -242,24 +242,6 @@ def _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr
 
 
 @triton.jit
-def _halves(v, W: tl.constexpr, C: tl.constexpr):
-    """``v [W, C]`` -> (columns 0, 2, 4, ...), (columns 1, 3, 5, ...), each ``[W, C // 2]`` (in registers)."""
-    return tl.split(tl.reshape(v, (W, C // 2, 2)))
-
-
-@triton.jit
-def _x_column(xb, m: tl.constexpr, W: tl.constexpr):
-    """Column ``m`` of ``xb [W, 8]`` as a ``[W]`` vector, by three register splits (no data movement)."""
-    e1, o1 = _halves(xb, W, 8)  # columns 0, 2, 4, 6 / 1, 3, 5, 7
-    v1 = o1 if m % 2 else e1
-    e2, o2 = _halves(v1, W, 4)
-    v2 = o2 if (m // 2) % 2 else e2
-    e3, o3 = _halves(v2, W, 2)
-    v3 = o3 if m // 4 else e3
-    return tl.reshape(v3, (W,))
-
-
-@triton.jit
 def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
     ss_ptr, mean_ptr, q_offset,
@@ -306,7 +288,7 @@ def _nf4_words_row(
                 for r in tl.static_range(2):
                     level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                     p = 4 * h + 2 * q + r
-                    xj = _x_column(xb, p ^ 1, BLOCK_K // 8)
+                    xj = x_column(xb, p ^ 1, BLOCK_K // 8)
                     part += level * xj[None, :]  # words past K: code 0 meets x = 0
         if BLOCK_SIZE >= BLOCK_K:
             idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
