@@ -61,11 +61,15 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 
 # H100: int8 wgmma tiles, K-tile 128 (= 128 B per row, one swizzled smem line); the largest
-# (128 x 256 x 128, 3 stages) uses 144 KiB of the 228 KiB shared memory. The small-M entries
-# serve short batches (M <= 64), where a 128-row tile would be mostly padding.
+# (128 x 256 x 128, 3 stages) uses 144 KiB of the 228 KiB shared memory, 4 stages 192 KiB (offered
+# untimed for the prefill target, W8A8 4096 x 4096 x 14336 <= 415 us: 474 on the H200; a config that
+# does not fit is skipped by the autotuner). The small-M entries serve short batches (M <= 64), where
+# a 128-row tile would be mostly padding.
 _GPU_CONFIGS = [
     _config(128, 256, 128, 8, 3),
     _config(256, 128, 128, 8, 3),
+    _config(128, 256, 128, 8, 4),
+    _config(256, 128, 128, 8, 4),
     _config(128, 128, 128, 8, 4),
     _config(128, 128, 128, 4, 4),
     _config(128, 64, 128, 4, 4),
