@@ -28,7 +28,8 @@ from torch.library import triton_op
 from quantframe import primitives as P
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store, load_words, x_column  # bare names: inductor resolves a user kernel's jit helpers by name
+# bare names: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words, x_column
 from . import use_triton
 
 __all__ = [

@@ -32,7 +32,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import _weight_mm as wmm
-from ._weight_mm import bias_and_store, load_words, x_column  # bare names: inductor resolves a user kernel's jit helpers by name
+# bare names: inductor resolves a user kernel's jit helpers by name
+from ._weight_mm import bias_and_store, load_words, x_column
 from . import is_traced, use_triton
 
 __all__ = [
@@ -242,6 +243,45 @@ def _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr
 
 
 @triton.jit
+def _nf4_words_tile(
+    c_ptr, lv_ptr, offs_n, mask_n, k0, K, stride_cn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """fp32 levels (fp16-rounded, unscaled) of the ``[BLOCK_N, BLOCK_K]`` weight tile at column ``k0``,
+    from codes read as int32 words (rows 4-byte aligned, ``K % 8 == 0``) and looked up by ``prmt`` as
+    in :func:`_nf4_words_row`. Column ``8i + p`` holds element ``k0 + 8i + (p ^ 1)`` (nibble ``p`` of
+    word ``i``): the dot's other operand must be read in that order. Words past K read code 0."""
+    lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
+    lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
+    hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
+    hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
+    w_idx = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+    word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
+    v0, v1, v2, v3 = _nf4_half_levels(word, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
+    v4, v5, v6, v7 = _nf4_half_levels(word >> 16, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
+    # joins from the top bit of p down: the flattened index of [BLOCK_N, W, 2, 2, 2] is 8i + p
+    b0 = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    b1 = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    return tl.reshape(tl.join(b0, b1), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _nf4_half_levels(half, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3):
+    """fp32 levels of nibbles 0-3 of ``half`` (each an int32 word or its top half shifted down): two
+    byte-plane lookups of four codes each, then two fp16 pairs."""
+    sel = half & 0x7777
+    sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
+    lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
+    hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
+    p01 = _prmt(lo, hi, tl.full(lo.shape, 0x5140, tl.int32))  # fp16 of nibbles 0 (low half) and 1
+    p23 = _prmt(lo, hi, tl.full(lo.shape, 0x7362, tl.int32))
+    v0 = p01.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    v1 = (p01 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    v2 = p23.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    v3 = (p23 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _nf4_words_row(
     x_ptr, c_ptr, s_ptr, lv_ptr, offs_n, mask_n, K, stride_xk, stride_cn, stride_sn, stride_sg,
     ss_ptr, mean_ptr, q_offset,
@@ -393,12 +433,39 @@ def _nf4_gemv_kernel(
     bias_and_store(acc, b_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 
-@triton.autotune(
+# Up to 16 rows of word-aligned codes (WORDS): K tiles of several blocks, levels by prmt; (BLOCK_N, BLOCK_M,
+# BLOCK_K, warps, stages), no spills in sm_90 builds. Untimed (stop 16): the gathered tiles spend 8-16
+# sm_90 loop instructions a code, a cp.async gather of each level among them; these 8-9, no gathers.
+_WORDS_GEMM_SHAPES = [(64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (64, 16, 256, 4, 3)]  # 8.0-9.0 a code
+# (1-2 warp tiles: 11.6-15.6)
+
+
+def _gemm_configs() -> list[triton.Config]:
     # The shared tiles plus 64 x 64 x 16 (block_size 16); ptxas compiles these for sm_90 without
     # spills in bf16 and fp32 (.scratch cross-compile).
-    configs=wmm.gemm_configs([*wmm.GEMM_SHAPES, (64, 64, 16, 4, 4)], interpreter_block_k=16),
-    key=["M", "N", "K", "BLOCK_SIZE", "DOT_FP32"],
-    prune_configs_by={"early_config_prune": wmm.prune_gemm("BLOCK_SIZE")},
+    plain = wmm.gemm_configs([*wmm.GEMM_SHAPES, (64, 64, 16, 4, 4)], interpreter_block_k=16)
+    if wmm.interpreted():
+        return plain
+    words = wmm.gemm_configs(_WORDS_GEMM_SHAPES, interpreter_block_k=16)
+    for c in words:
+        c.kwargs["WORDS"] = True
+    return plain + words
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """The gathered tiles by ``wmm.prune_gemm``; the words tiles only for up to 16 rows of word-aligned
+    codes (``WORDS_OK``), K tiles of whole blocks."""
+    plain = wmm.prune_gemm("BLOCK_SIZE")([c for c in configs if not c.kwargs.get("WORDS")], named_args, **kwargs)
+    if not (kwargs.get("WORDS_OK") and named_args["M"] <= 16):
+        return plain
+    bs = kwargs["BLOCK_SIZE"]
+    return plain + [c for c in configs if c.kwargs.get("WORDS") and c.kwargs["BLOCK_K"] % bs == 0]
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "BLOCK_SIZE", "DOT_FP32", "WORDS_OK"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
 )
 @triton.jit
 def _nf4_gemm_kernel(
@@ -410,7 +477,9 @@ def _nf4_gemm_kernel(
     DOT_FP32: tl.constexpr,  # fp32 tiles (fp32 x, or the interpreter); else x's 16-bit dtype
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE
+    BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE, or (WORDS) a multiple of it
+    WORDS_OK: tl.constexpr = False,  # codes rows in whole, aligned int32 words: the words tiles may run
+    WORDS: tl.constexpr = False,  # levels by prmt from int32 words (_nf4_words_tile), x read in their order
 ):  # fmt: skip
     # y.T [N, M] = W [N, K] @ x.T [K, M]: the dequantized weight is the dot's first operand, which
     # Hopper's wgmma may take from registers. Programs along axis 0 share one x tile, read from L2.
@@ -420,12 +489,23 @@ def _nf4_gemm_kernel(
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
         # Scale the tile before the dot (masked rows get scale 0): a second fp32 partial sum per
         # block would double the accumulator registers.
-        w = w * tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)[:, None]
-        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        xt = tl.load(x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm, mask=mask_m[None, :], other=0.0)
+        if WORDS:  # several blocks a tile: each element times its block's (a block is whole words)
+            w = _nf4_words_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, K, stride_cn, BLOCK_N, BLOCK_K)
+            NB: tl.constexpr = BLOCK_K // BLOCK_SIZE
+            bs = k0 // BLOCK_SIZE + tl.arange(0, NB)
+            mask_s = mask_n[:, None] & (bs < K // BLOCK_SIZE)[None, :]
+            sb = tl.load(s_ptr + offs_n[:, None] * stride_sn + bs[None, :] * stride_sg, mask=mask_s, other=0.0)
+            w = tl.reshape(tl.reshape(w, (BLOCK_N, NB, BLOCK_SIZE)) * sb[:, :, None], (BLOCK_N, BLOCK_K))
+            rk = k0 + (tl.arange(0, BLOCK_K) ^ 1).to(tl.int64)  # the words' element order
+        else:
+            w = _nf4_levels_tile(c_ptr, lv_ptr, offs_n, mask_n, k0, stride_cn, stride_ck, BLOCK_N, BLOCK_K)
+            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg, mask=mask_n, other=0.0)
+            w = w * s[:, None]
+            rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        xt = tl.load(x_ptr + rk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                     mask=(rk < K)[:, None] & mask_m[None, :], other=0.0)  # fmt: skip
         if DOT_FP32:  # fp32 x needs fp32 products; the interpreter's bf16 dot is wrong (numpy has no bf16)
             acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
         else:  # W rounded to x's 16-bit dtype, as a dense 16-bit layer holds it
@@ -506,10 +586,10 @@ def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_si
     """2-D ``x [M, K]``, fp32 ``scale [N, K // block_size]`` and ``levels [16]``; checked by :func:`nf4_mm_triton`."""
     strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
-    words_ok = x.shape[0] == 1 and wmm.word_rows(codes, 8, x.shape[1])
+    words_ok = wmm.word_rows(codes, 8, x.shape[1])  # the GEMV's words tiles also need one row (its prune)
     return wmm.launch(
-        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, {"WORDS_OK": words_ok},
-        BLOCK_SIZE=block_size,
+        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, None,
+        BLOCK_SIZE=block_size, WORDS_OK=words_ok,
     )  # fmt: skip
 
 

@@ -446,6 +446,67 @@ def test_words_tiles_are_offered_only_for_one_aligned_row():
     assert kept(BLOCK_SIZE=64, BLOCK_M=2, WORDS_OK=True) == [(64, False)]
 
 
+# ---- 2-16 rows, codes as int32 words: the GEMM's words tiles (_nf4_words_tile) ---------------------
+def _launch_words_gemm(x, codes, scale2, block_size, block_n, block_m, block_k):
+    import triton
+
+    m, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty(m, n)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    nf4_mm_module._nf4_gemm_kernel.fn[grid](
+        x, codes, scale2, LEVELS, scale2, y, m, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
+        BLOCK_SIZE=block_size, HAS_BIAS=False, DOT_FP32=True, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+        WORDS_OK=True, WORDS=True,
+    )  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize("block_size, block_k, k", [(16, 32, 96), (64, 128, 320), (64, 256, 256), (32, 64, 96)])
+def test_words_gemm_tile_matches_reference(m, block_size, block_k, k):
+    # levels by prmt (fp16), K tiles of several blocks, x read in the words' element order; K not a
+    # multiple of the tile (the words and x past K read 0), N a part tile
+    torch.manual_seed(m * k)
+    n = 20
+    codes, scale = _weight(n, k, block_size)
+    x = torch.randn(m, k)
+    y = _launch_words_gemm(x, codes, scale.reshape(n, k // block_size), block_size, 16, 16, block_k)
+    ref = nf4_mm_reference(x, codes, scale, LEVELS.half().float(), block_size)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_words_tiles_are_offered_for_up_to_16_aligned_rows():
+    import triton
+
+    cfg = lambda k, words: triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": k, "WORDS": words})  # noqa: E731
+    configs = [cfg(64, False), cfg(128, True), cfg(256, True)]
+    prune = nf4_mm_module._prune_gemm
+    kept = lambda m, **kw: [(c.kwargs["BLOCK_K"], c.kwargs["WORDS"]) for c in prune(configs, {"M": m}, **kw)]  # noqa: E731
+    flags = {"DOT_FP32": False}
+    assert kept(16, BLOCK_SIZE=64, WORDS_OK=True, **flags) == [(64, False), (128, True), (256, True)]
+    assert kept(16, BLOCK_SIZE=256, WORDS_OK=True, **flags) == [(64, False), (256, True)]  # whole blocks a tile
+    assert kept(17, BLOCK_SIZE=64, WORDS_OK=True, **flags) == [(64, False)]
+    assert kept(16, BLOCK_SIZE=64, WORDS_OK=False, **flags) == [(64, False)]
+
+
+def test_every_gpu_gemm_words_config_matches_the_reference(monkeypatch):
+    # every words config of the GPU list (the autotuner keeps the fastest, so each must be right)
+    monkeypatch.setattr(nf4_mm_module.wmm, "interpreted", lambda: False)
+    configs = [c for c in nf4_mm_module._gemm_configs() if c.kwargs.get("WORDS")]
+    monkeypatch.undo()
+    assert configs
+    torch.manual_seed(1)
+    n, k, m = 20, 512, 3
+    codes, scale = _weight(n, k, 64)
+    x = torch.randn(m, k)
+    ref = nf4_mm_reference(x, codes, scale, LEVELS.half().float(), 64)
+    for c in configs:
+        kw = c.kwargs
+        y = _launch_words_gemm(x, codes, scale.reshape(n, k // 64), 64, kw["BLOCK_N"], kw["BLOCK_M"], kw["BLOCK_K"])
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=lambda msg, kw=kw: f"{kw}: {msg}")
+
+
 def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
     # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
     # the GPU list that the prune keeps for one aligned row (the prmt words tiles included), launched by hand
