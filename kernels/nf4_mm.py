@@ -243,6 +243,17 @@ def _block_scales(s_ptr, idx, mask, ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr
 
 
 @triton.jit
+def _fp16_level_planes(lv_ptr):
+    """The 16 levels as fp16, as eight int32 ``prmt`` tables: low bytes of levels 0-3, 4-7, 8-11,
+    12-15, then their high bytes (built once a program; the compiler hoists them)."""
+    lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
+    lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
+    hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
+    hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
+    return lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3
+
+
+@triton.jit
 def _nf4_words_tile(
     c_ptr, lv_ptr, offs_n, mask_n, k0, K, stride_cn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):  # fmt: skip
@@ -250,10 +261,7 @@ def _nf4_words_tile(
     from codes read as int32 words (rows 4-byte aligned, ``K % 8 == 0``) and looked up by ``prmt`` as
     in :func:`_nf4_words_row`. Column ``8i + p`` holds element ``k0 + 8i + (p ^ 1)`` (nibble ``p`` of
     word ``i``): the dot's other operand must be read in that order. Words past K read code 0."""
-    lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
-    lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
-    hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
-    hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
+    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _fp16_level_planes(lv_ptr)
     w_idx = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
     word = load_words(c_ptr, offs_n, mask_n, w_idx, K // 8, stride_cn)
     v0, v1, v2, v3 = _nf4_half_levels(word, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
@@ -302,10 +310,7 @@ def _nf4_words_row(
     fp32 for the FMAs (sm_90: 6.2-8.3 loop instructions a code against 12.7 gathering; H200, one
     token of 14336 x 4096: 24.9 us for the kernel alone; the eager layer 60.6 against 109.8 gathering,
     both with the block scales then computed by six torch kernels)."""
-    lo0, lo1 = _table_plane(lv_ptr, 0, 0, True), _table_plane(lv_ptr, 4, 0, True)
-    lo2, lo3 = _table_plane(lv_ptr, 8, 0, True), _table_plane(lv_ptr, 12, 0, True)
-    hi0, hi1 = _table_plane(lv_ptr, 0, 8, True), _table_plane(lv_ptr, 4, 8, True)
-    hi2, hi3 = _table_plane(lv_ptr, 8, 8, True), _table_plane(lv_ptr, 12, 8, True)
+    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _fp16_level_planes(lv_ptr)
     offs_w = tl.arange(0, BLOCK_K // 8).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # one block per row of a tile
     acc_b = tl.zeros((BLOCK_N, BLOCK_K // max(BLOCK_SIZE, 8)), dtype=tl.float32)  # several blocks
@@ -317,19 +322,13 @@ def _nf4_words_row(
         # x[8i .. 8i + 7] as one [W, 8] load (each thread's eight contiguous), split per code in registers
         xb = tl.load(x_ptr + (8 * w_idx[:, None] + tl.arange(0, 8)[None, :]) * stride_xk, mask=mask_w[:, None],
                      other=0.0).to(tl.float32)  # fmt: skip
-        for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word
-            half = word >> 16 * h
-            sel = half & 0x7777
-            sel2 = ((half & 0x8888) >> 1) | 0x3210  # byte j from the first eight (j) or the second (4 + j)
-            lo = _lookup4(sel, sel2, lo0, lo1, lo2, lo3)
-            hi = _lookup4(sel, sel2, hi0, hi1, hi2, hi3)
-            for q in tl.static_range(2):  # fp16 pairs: nibbles (2q, 2q + 1) of this half
-                pair = _prmt(lo, hi, tl.full(lo.shape, 0x5140 if q == 0 else 0x7362, tl.int32))
-                for r in tl.static_range(2):
-                    level = (pair >> 16 * r).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    p = 4 * h + 2 * q + r
-                    xj = x_column(xb, p ^ 1, BLOCK_K // 8)
-                    part += level * xj[None, :]  # words past K: code 0 meets x = 0
+        for h in tl.static_range(2):  # nibbles 4h .. 4h + 3 of the word (element 8i + (p ^ 1) for nibble p)
+            v0, v1, v2, v3 = _nf4_half_levels(word >> 16 * h, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
+            # words past K: code 0 meets x = 0
+            part += v0 * x_column(xb, 4 * h + 1, BLOCK_K // 8)[None, :]
+            part += v1 * x_column(xb, 4 * h, BLOCK_K // 8)[None, :]
+            part += v2 * x_column(xb, 4 * h + 3, BLOCK_K // 8)[None, :]
+            part += v3 * x_column(xb, 4 * h + 2, BLOCK_K // 8)[None, :]
         if BLOCK_SIZE >= BLOCK_K:
             idx = offs_n * stride_sn + (k0 // BLOCK_SIZE) * stride_sg
             s = _block_scales(s_ptr, idx, mask_n, ss_ptr, mean_ptr, q_offset, DQ, SBS)
