@@ -6,8 +6,9 @@
 code 1 = ternary 0) and ``s`` is one fp32 scale: the layout of :class:`quantframe.ternary.TernaryWeight`.
 
 The activation codes (the fp32 formula of ``quantframe.ternary.quantize_activations_int8``) come
-from one Triton pass (``_quantize_tokens_kernel``; one token: inside the GEMV); the kernels unpack the weight in registers and
-accumulate ``int8 x ternary`` products exactly in int32, then apply ``sx * s`` once per output:
+from one Triton pass (``_quantize_tokens_kernel``; one token: inside the GEMV); the kernels unpack
+the weight in registers and accumulate ``int8 x ternary`` products exactly in int32, then apply
+``sx * s`` once per output:
 
 * ``M <= 16`` (decode): ``_ternary_gemv_kernel``, one program per ``BLOCK_N`` outputs holding
   every row of x, multiply-and-sum on CUDA cores; the weight is read once at 2 bits a value. One
