@@ -25,6 +25,8 @@ from quantframe.tensor import (
     WINDOW_OPS,
     QuantTensor,
     cached_signature,
+    fsdp_all_gather_inputs,
+    fsdp_gathered,
     check_weight,
     dequantizing_op,
     foreach_op,
@@ -137,12 +139,12 @@ class Int8QTLinearWeight(QuantTensor):
                 f"{type(self).__name__}: FSDP2 needs out_features={outer_size[0]} divisible by the "
                 f"shard world size {world}; leave this layer out of quantize_ (filter_fn) or pad it"
             )
-        return (self.int_data, self.scale), None
+        return fsdp_all_gather_inputs(mesh, (self.int_data, self.scale))
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        int_data, scale = outputs
         if out is not None:  # later steps: FSDP2 refilled the storages `out` already views
-            return None
+            return fsdp_gathered(outputs, metadata, (out.scale,))
+        int_data, scale = fsdp_gathered(outputs, metadata)
         # _rebuild keeps the class (and attributes) of a subclass, as every op below does
         return self._rebuild(int_data=int_data, scale=scale, shape=int_data.shape, dtype=param_dtype), (int_data, scale)
 

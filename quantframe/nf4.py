@@ -26,6 +26,8 @@ from quantframe.tensor import (
     WINDOW_OPS,
     QuantTensor,
     cached_signature,
+    fsdp_all_gather_inputs,
+    fsdp_gathered,
     check_weight,
     dequantizing_op,
     window_op,
@@ -223,12 +225,12 @@ class NF4Tensor(QuantTensor):
                 f"block_size*scaler_block_size={unit}; "
                 "leave this layer out of quantize_ (filter_fn) or change the sizes"
             )
-        return (self.codes, self.quantized_scalers, self.scaler_scale), None
+        return fsdp_all_gather_inputs(mesh, (self.codes, self.quantized_scalers, self.scaler_scale))
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        codes, qs, scaler_scale = outputs
         if out is not None:  # later steps: FSDP2 refilled the storages `out` already views
-            return None
+            return fsdp_gathered(outputs, metadata, (out.quantized_scalers, out.scaler_scale))
+        codes, qs, scaler_scale = fsdp_gathered(outputs, metadata)
         shape = (codes.shape[0], codes.shape[1] * 2)
         full = self._rebuild(
             codes=codes, quantized_scalers=qs, scaler_scale=scaler_scale, shape=shape, dtype=param_dtype

@@ -38,6 +38,8 @@ Handler = Callable[[Any, tuple, tuple, dict], Any]
 __all__ = [
     "QuantTensor",
     "cached_signature",
+    "fsdp_all_gather_inputs",
+    "fsdp_gathered",
     "check_weight",
     "unsupported_op_message",
     "DEQUANTIZING_OPS",
@@ -544,6 +546,33 @@ def float_master_collective_op(func, types, args, kwargs):
 #   fully_shard: weight --split/narrow/new_zeros/view (dim 0)--> local shard (the class)
 #   forward:     pre_all_gather -> float_data.to(param_dtype) [padded] --all-gather--> post
 #                -> full weight (the class) --as_strided (drops the padding)--> F.linear
+# A weight that all-gathers several tensors (codes and scales) meets a shortcut of FSDP2 at world size
+# 1 (torch 2.11-2.13, FSDPParamGroup.wait_for_unshard): no collective, and only the *first*
+# all-gather input is copied into the unsharded parameter's buffer. There the other tensors travel in
+# the metadata, and the post-all-gather hook copies them into storages of their own (FSDP2 frees and
+# re-allocates the unsharded tensors' storages between steps: they must not alias the shard's).
+def fsdp_all_gather_inputs(mesh, tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], object]:
+    """``(all-gather inputs, metadata)`` for ``fsdp_pre_all_gather``: ``tensors`` and None, or at world
+    size 1 the first tensor and the others as metadata (see above)."""
+    if mesh.size() == 1 and len(tensors) > 1:
+        return tensors[:1], ("world 1", tensors[1:])
+    return tensors, None
+
+
+def fsdp_gathered(outputs, metadata, out_inner: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...] | None:
+    """The all-gathered tensors for ``fsdp_post_all_gather``: ``outputs``, with (world size 1) copies of
+    the metadata's tensors after them. Later steps (``out_inner``: the unsharded weight's tensors after
+    the first, whose storages FSDP2 re-allocated): refill those from the metadata; returns None."""
+    rest = metadata[1] if metadata is not None else ()
+    if out_inner is not None:
+        for dst, src in zip(out_inner, rest):
+            # as FSDP2 refills its own buffers: the forward's saved weight must not look modified
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(dst):
+                dst.copy_(src)
+        return None
+    return (*outputs, *(t.clone() for t in rest))
+
+
 def float_master_fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
     param_dtype = getattr(mp_policy, "param_dtype", None) or self.float_data.dtype
     data = self.float_data.to(param_dtype)
