@@ -293,7 +293,8 @@ def print_tables(rows: list[dict], world: int) -> None:
                 print(f"{r['run']:42s} n/a  ({r['error']})")
                 continue
             speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "n/a"
-            ag = f"{r['all_gather_bytes'] / base['all_gather_bytes']:.3f}" if base else "n/a"
+            # one rank: FSDP2 runs no collective (0 bytes), so no ratio
+            ag = f"{r['all_gather_bytes'] / base['all_gather_bytes']:.3f}" if base and base["all_gather_bytes"] else "n/a"
             diff = f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "-"
             moved = f"{r['loss_moved']:.1e}" if "loss_moved" in r else "-"
             print(f"{r['run']:42s} {r['ms_per_step']:8.2f} {speed:>7s} {r['peak_gib']:8.2f} "

@@ -66,3 +66,17 @@ def test_count_fsdp_comms_needs_a_sharded_model():
     with pytest.raises(ValueError, match="no module of the model is fully_shard-ed"):
         count_fsdp_comms(nn.Linear(4, 4))
 
+
+
+def test_tables_print_one_rank_runs_without_an_all_gather_ratio(capsys):
+    # one rank: FSDP2 runs no collective, every row reports 0 all-gather bytes
+    sys.path.insert(0, str(_SCRIPT.parent))
+    try:
+        import fsdp2
+    finally:
+        sys.path.remove(str(_SCRIPT.parent))
+    row = dict(table="training", ms_per_step=2.0, peak_gib=0.0, all_gather_bytes=0, reduce_scatter_bytes=0)
+    fsdp2.print_tables([{**row, "run": "bf16, torch AdamW"}, {**row, "run": "quantframe int8 QT + AdamW"}], 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert "training (1 rank)" in lines
+    assert lines[-1].split()[-5:-3] == ["0.0", "n/a"]  # AG MiB, AG/bf16
