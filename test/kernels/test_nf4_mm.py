@@ -507,6 +507,33 @@ def test_every_gpu_gemm_words_config_matches_the_reference(monkeypatch):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=lambda msg, kw=kw: f"{kw}: {msg}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_gemm_words_config_matches_the_reference_on_cuda(dtype):
+    # each words config launched alone on a real GPU in x's 16-bit dtype (the interpreter runs fp32
+    # dots), 16 rows of a 4096 x 4096 weight: the joined prmt tile and the permuted x rows
+    import triton
+
+    torch.manual_seed(0)
+    n, k, m = 4096, 4096, 16
+    q = NF4Tensor.from_float(torch.randn(n, k, device="cuda") * 0.02)
+    scale2 = q.block_scales().reshape(n, k // q.block_size)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    lv = _level_table(q.device)
+    ref = nf4_mm_reference(x, q.codes, q.block_scales(), lv.half().float(), q.block_size).float()
+    for c in [c for c in nf4_mm_module._gemm_configs() if c.kwargs.get("WORDS")]:
+        kw = c.kwargs
+        y = torch.empty(m, n, device="cuda", dtype=dtype)
+        grid = (triton.cdiv(n, kw["BLOCK_N"]), triton.cdiv(m, kw["BLOCK_M"]))
+        nf4_mm_module._nf4_gemm_kernel.fn[grid](
+            x, q.codes, scale2, lv, scale2, y, m, n, k, *x.stride(), *q.codes.stride(), *scale2.stride(),
+            *y.stride(), BLOCK_SIZE=q.block_size, HAS_BIAS=False, DOT_FP32=False, WORDS_OK=True,
+            num_warps=c.num_warps, num_stages=c.num_stages, **kw,
+        )  # fmt: skip
+        # W rounded to x's dtype before the dot: within a 16-bit rounding of the fp32 reference
+        assert_close_at_scale(y.float(), ref, rel=1e-2, min_sqnr=40)
+
+
 def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
     # The autotuner keeps whichever offered config is fastest, so each must be right: every config of
     # the GPU list that the prune keeps for one aligned row (the prmt words tiles included), launched by hand
