@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantframe.api import QuantConfig, register_quantize_handler
-from quantframe.kernels import use_triton
+from quantframe.kernels import is_traced, use_triton
 from quantframe.primitives import pack_bits, unpack_bits
 from quantframe.tensor import (
     DEQUANTIZING_OPS,
@@ -227,7 +227,10 @@ class _BitNetLinear(torch.autograd.Function):
     (``int8_scaled_mm``; the integer sum is exact, so this is the reference's product up to fp32
     rounding); the backward runs in x's dtype on the tensor cores (cuBLAS, fp32 accumulation) with
     W and xq dequantized to it, and the int8 codes of x are what is saved for it (1 byte a value,
-    not x's 2). Elsewhere everything is fp32 (the reference math of ``TernaryWeight``'s linear).
+    not x's 2). Under torch.compile the codes come from torch ops instead of the Triton pass, which
+    the partitioner can see through: it keeps only each row's absmax and recomputes the codes in the
+    backward from what the block saves anyway. Elsewhere everything is fp32 (the reference math of
+    ``TernaryWeight``'s linear).
     """
 
     @staticmethod
@@ -239,9 +242,12 @@ class _BitNetLinear(torch.autograd.Function):
         ctx.fast = use_triton(x)
         if ctx.fast:
             from quantframe.kernels.int8_mm import int8_scaled_mm
-            from quantframe.kernels.ternary_mm import _quantize_tokens_triton
+            from quantframe.kernels.ternary_mm import _quantize_tokens, _quantize_tokens_triton
 
-            x8, sx = _quantize_tokens_triton(x2d)
+            # Traced: the torch ops (inductor fuses them into one kernel), which the joint graph's
+            # common-subexpression pass merges when two layers quantize the same input (an MLP's gate
+            # and up), so one int8 copy is computed and saved instead of two; eager: one Triton launch.
+            x8, sx = _quantize_tokens(x2d) if is_traced(x2d) else _quantize_tokens_triton(x2d)
             w_scale = s.reshape(1).expand(codes.shape[0]).contiguous()
             y = int8_scaled_mm(x8, codes, sx.reshape(-1), w_scale, bias, out_dtype=x.dtype)
             ctx.save_for_backward(x8, sx, weight)
