@@ -153,6 +153,18 @@ class QuantTensorContract:
 
 
 # ---- Triton's interpreter ----------------------------------------------------------------------
+class LaunchSpy:
+    """Stands in for a Triton kernel in a module (``monkeypatch.setattr``): records each launch's grid
+    in ``calls`` and launches the real kernel, so a test can tell which kernel a dispatch chose."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 def patch_interpreter_loop_bounds() -> Callable[[], None] | None:
     """numpy >= 2.4 refuses ``int()`` of a 1-element array, which the Triton 3.6 interpreter does for
     a runtime loop bound (``range(0, K, BLOCK_K)``): triton-lang/triton#9171. Applies the upstream

@@ -24,6 +24,7 @@ from quantframe.kernels.int8_mm import (
     quantize_rowcol_int8_triton,
 )
 from quantframe.kernels.int8_rowwise import quantize_rowwise_int8_reference
+from quantframe.testing import LaunchSpy
 
 MM_IMPLS = {"reference": int8_scaled_mm_reference, "triton": int8_scaled_mm_triton}
 COLWISE_IMPLS = {"reference": quantize_colwise_int8_reference, "triton": quantize_colwise_int8_triton}
@@ -335,19 +336,10 @@ def test_one_row_gemv_equals_the_gemm(monkeypatch, n, k, has_bias, out_dtype):
     gemm = int8_scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype)
     monkeypatch.setattr(int8_mm, "GEMV_ONE_ROW", True)
     launched = []
-    monkeypatch.setattr(int8_mm, "_int8_scaled_mm_kernel", _Spy(int8_mm._int8_scaled_mm_kernel, launched))
+    monkeypatch.setattr(int8_mm, "_int8_scaled_mm_kernel", LaunchSpy(int8_mm._int8_scaled_mm_kernel, launched))
     gemv = int8_scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype)
     assert not launched  # the GEMV ran, not the GEMM
     assert torch.equal(gemv, gemm)  # exact int32 sums, the same epilogue
-
-
-class _Spy:
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        self.calls.append(grid)
-        return self.kernel[grid]
 
 
 def test_one_row_gemv_needs_aligned_word_rows():

@@ -22,7 +22,7 @@ from quantframe.kernels.nf4_mm import (
 )
 
 from quantframe.nf4 import NF4_LEVELS, NF4Tensor, _level_table
-from quantframe.testing import assert_close_at_scale, assert_matches_reference
+from quantframe.testing import LaunchSpy, assert_close_at_scale, assert_matches_reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (atol, rtol) of Triton vs reference: both accumulate in fp32 in another order (and the GEMM
@@ -78,21 +78,12 @@ def test_double_quant_path_equals_the_scales_then_the_gemv(monkeypatch, rows, k,
     monkeypatch.setattr(nf4_mm_module, "use_triton", lambda t: True)
     launched = []
     kernel = nf4_mm_module._nf4_gemv_kernel
-    monkeypatch.setattr(nf4_mm_module, "_nf4_gemv_kernel", _Spy(kernel, launched))
+    monkeypatch.setattr(nf4_mm_module, "_nf4_gemv_kernel", LaunchSpy(kernel, launched))
     y = nf4_mm_double_quant(x, q.codes, *_dq_args(q), LEVELS, 64, b)
     assert len(launched) == (1 if rows == 1 else 0)  # the general path launches through wrap_triton
     monkeypatch.setattr(nf4_mm_module, "_nf4_gemv_kernel", kernel)
     expected = nf4_mm_triton(x, q.codes, q.block_scales(), LEVELS, 64, b)
     assert torch.equal(y, expected)
-
-
-class _Spy:
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        self.calls.append(grid)
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("block_n, block_k", [(16, 64), (8, 256)])
