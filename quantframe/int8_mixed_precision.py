@@ -198,10 +198,24 @@ class Int8MixedPrecisionQTLinearWeight(Int8QTLinearWeight):
 
 
 # ---- linear ----------------------------------------------------------------------------------
+# Under torch.compile, quantize activations and gradients with torch ops instead of the Triton passes:
+# inductor may then fuse the quantization into the kernels that produce those tensors (RMSNorm,
+# SiLU-mul and their backward), and the partitioner may recompute codes rather than save them (as
+# BitNet's linear does). Off until timed against the tuned Triton passes (H200 anchor step: 1.03x bf16).
+TORCH_OPS_WHEN_TRACED = False
+
+
+def _torch_ops(t: Tensor) -> bool:
+    from quantframe.kernels import is_traced
+
+    return TORCH_OPS_WHEN_TRACED and is_traced(t)
+
+
 def _rowwise(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     from quantframe.kernels.int8_rowwise import quantize_rowwise_int8 as kernel
+    from quantframe.kernels.int8_rowwise import quantize_rowwise_int8_reference
 
-    return kernel(t, col_scale=col_scale)
+    return (quantize_rowwise_int8_reference if _torch_ops(t) else kernel)(t, col_scale=col_scale)
 
 
 def _mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16) -> Tensor:
@@ -211,15 +225,15 @@ def _mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16) -> Tensor:
 
 
 def _colwise(t: Tensor) -> tuple[Tensor, Tensor]:
-    from quantframe.kernels.int8_mm import quantize_colwise_int8
+    from quantframe.kernels.int8_mm import quantize_colwise_int8, quantize_colwise_int8_reference
 
-    return quantize_colwise_int8(t)
+    return (quantize_colwise_int8_reference if _torch_ops(t) else quantize_colwise_int8)(t)
 
 
 def _rowcol(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from quantframe.kernels.int8_mm import quantize_rowcol_int8
+    from quantframe.kernels.int8_mm import quantize_rowcol_int8, quantize_rowcol_int8_reference
 
-    return quantize_rowcol_int8(t, col_scale)
+    return (quantize_rowcol_int8_reference if _torch_ops(t) else quantize_rowcol_int8)(t, col_scale)
 
 
 def _output(x: Tensor, w: Tensor, bias: Tensor | None, x_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -134,6 +134,39 @@ def test_the_triton_kernels_give_the_reference_paths_result(monkeypatch, kind):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", CLASSES, ids=CLASSES.keys())
+def test_torch_ops_when_traced_take_the_reference_quantizers(monkeypatch, kind):
+    # TORCH_OPS_WHEN_TRACED: while tracing (is_traced), the quantization is the reference's torch
+    # ops (which inductor fuses into the producers), never the Triton passes; the same products
+    import quantframe.int8_mixed_precision as mp
+    from quantframe import kernels
+    from quantframe.kernels import int8_rowwise
+
+    torch.manual_seed(0)
+    w = CLASSES[kind].from_float(torch.randn(N, K))
+    torch.manual_seed(1)
+    ref = _run(copy.deepcopy(w))
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("a Triton quantization pass ran while tracing")
+
+    for module in (int8_mm, int8_rowwise):
+        monkeypatch.setattr(module, "use_triton", lambda t: True)
+    for name in ("quantize_rowcol_int8_triton", "quantize_colwise_int8_triton"):
+        monkeypatch.setattr(int8_mm, name, no_triton)
+    monkeypatch.setattr(int8_rowwise, "quantize_rowwise_int8_triton", no_triton)
+    monkeypatch.setattr(kernels, "is_traced", lambda t: True)
+    monkeypatch.setattr(mp, "TORCH_OPS_WHEN_TRACED", True)
+    undo = patch_interpreter_loop_bounds()  # the INT8 GEMM still runs (interpreted)
+    try:
+        torch.manual_seed(1)
+        got = _run(copy.deepcopy(w))
+    finally:
+        undo()
+    for key in ("y", "dx", "dw", "db"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", CLASSES, ids=CLASSES.keys())
 def test_output_and_gradients_match_dense_within_int8_error(kind, dtype):
