@@ -114,22 +114,37 @@ def test_the_triton_kernels_give_the_reference_paths_result(monkeypatch, kind):
     # codes as the reference's separate quantizers, so the same products
     from quantframe.kernels import int8_rowwise
 
-    torch.manual_seed(0)
-    w = CLASSES[kind].from_float(torch.randn(N, K))
-    torch.manual_seed(1)
-    ref = _run(copy.deepcopy(w))
+    w, ref = _weight_and_reference_run(kind)
     calls = []
     rowcol = int8_mm.quantize_rowcol_int8_triton
     monkeypatch.setattr(int8_mm, "quantize_rowcol_int8_triton", lambda *a: calls.append(a) or rowcol(*a))
     for module in (int8_mm, int8_rowwise):
         monkeypatch.setattr(module, "use_triton", lambda t: True)
-    undo = patch_interpreter_loop_bounds()  # as test/kernels/conftest.py does for the kernel tests
+    got = _interpreted_run(w)
+    assert len(calls) == 2  # x in forward, g in backward
+    _assert_same_results(got, ref)
+
+
+def _weight_and_reference_run(kind):
+    """A seeded weight of ``kind`` and its run on the reference paths (CPU)."""
+    torch.manual_seed(0)
+    w = CLASSES[kind].from_float(torch.randn(N, K))
+    torch.manual_seed(1)
+    return w, _run(copy.deepcopy(w))
+
+
+def _interpreted_run(w):
+    """``_run`` of a copy of ``w`` with the same seed, Triton kernels interpreted (as
+    test/kernels/conftest.py sets the interpreter's loop bounds for the kernel tests)."""
+    undo = patch_interpreter_loop_bounds()
     try:
         torch.manual_seed(1)
-        got = _run(copy.deepcopy(w))
+        return _run(copy.deepcopy(w))
     finally:
         undo()
-    assert len(calls) == 2  # x in forward, g in backward
+
+
+def _assert_same_results(got, ref):
     for key in ("y", "dx", "dw", "db"):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
 
@@ -142,10 +157,7 @@ def test_torch_ops_when_traced_take_the_reference_quantizers(monkeypatch, kind):
     from quantframe import kernels
     from quantframe.kernels import int8_rowwise
 
-    torch.manual_seed(0)
-    w = CLASSES[kind].from_float(torch.randn(N, K))
-    torch.manual_seed(1)
-    ref = _run(copy.deepcopy(w))
+    w, ref = _weight_and_reference_run(kind)
 
     def no_triton(*args, **kwargs):
         raise AssertionError("a Triton quantization pass ran while tracing")
@@ -157,14 +169,7 @@ def test_torch_ops_when_traced_take_the_reference_quantizers(monkeypatch, kind):
     monkeypatch.setattr(int8_rowwise, "quantize_rowwise_int8_triton", no_triton)
     monkeypatch.setattr(kernels, "is_traced", lambda t: True)
     monkeypatch.setattr(mp, "TORCH_OPS_WHEN_TRACED", True)
-    undo = patch_interpreter_loop_bounds()  # the INT8 GEMM still runs (interpreted)
-    try:
-        torch.manual_seed(1)
-        got = _run(copy.deepcopy(w))
-    finally:
-        undo()
-    for key in ("y", "dx", "dw", "db"):
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
+    _assert_same_results(_interpreted_run(w), ref)  # the INT8 GEMM still runs (interpreted)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
