@@ -291,7 +291,7 @@ def _affine_gemv_kernel(
     BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: one scale per row of a tile
-    WORDS: tl.constexpr = False,  # one row, 4 bits: qdata read as int32 words (_int4_words_row)
+    WORDS: tl.constexpr,  # one row, 4 bits: qdata read as int32 words (_int4_words_row)
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).

@@ -393,7 +393,8 @@ def _nf4_gemv_kernel(
     # DQ: s_ptr is the double quantization's int8 [N, K/BS] (contiguous), each block's scale made here
     # (_block_scales) from ss_ptr (fp32 scaler scales, one a SBS blocks, the first q_offset blocks in) and
     # mean_ptr (fp32 []): nf4_mm_double_quant's eager one-row launch, no separate scales kernel
-    ss_ptr=None, mean_ptr=None, q_offset=0, DQ: tl.constexpr = False, SBS: tl.constexpr = 256,
+    # (no defaults: inductor's launcher for a traced user kernel takes every parameter)
+    ss_ptr, mean_ptr, q_offset, DQ: tl.constexpr, SBS: tl.constexpr,
 ):  # fmt: skip
     # Decode is bound by reading the weight: each program streams its [BLOCK_N, K] slice once and
     # multiplies it with all M rows of x (tiny, read from L1/L2 by every program).
@@ -443,6 +444,8 @@ def _gemm_configs() -> list[triton.Config]:
     # The shared tiles plus 64 x 64 x 16 (block_size 16); ptxas compiles these for sm_90 without
     # spills in bf16 and fp32 (.scratch cross-compile).
     plain = wmm.gemm_configs([*wmm.GEMM_SHAPES, (64, 64, 16, 4, 4)], interpreter_block_k=16)
+    for c in plain:
+        c.kwargs["WORDS"] = False
     if wmm.interpreted():
         return plain
     words = wmm.gemm_configs(_WORDS_GEMM_SHAPES, interpreter_block_k=16)
@@ -454,11 +457,11 @@ def _gemm_configs() -> list[triton.Config]:
 def _prune_gemm(configs, named_args, **kwargs):
     """The gathered tiles by ``wmm.prune_gemm``; the words tiles only for up to 16 rows of word-aligned
     codes (``WORDS_OK``), K tiles of whole blocks."""
-    plain = wmm.prune_gemm("BLOCK_SIZE")([c for c in configs if not c.kwargs.get("WORDS")], named_args, **kwargs)
+    plain = wmm.prune_gemm("BLOCK_SIZE")([c for c in configs if not c.kwargs["WORDS"]], named_args, **kwargs)
     if not (kwargs.get("WORDS_OK") and named_args["M"] <= 16):
         return plain
     bs = kwargs["BLOCK_SIZE"]
-    return plain + [c for c in configs if c.kwargs.get("WORDS") and c.kwargs["BLOCK_K"] % bs == 0]
+    return plain + [c for c in configs if c.kwargs["WORDS"] and c.kwargs["BLOCK_K"] % bs == 0]
 
 
 @triton.autotune(
@@ -477,8 +480,8 @@ def _nf4_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides BLOCK_SIZE, or (WORDS) a multiple of it
-    WORDS_OK: tl.constexpr = False,  # codes rows in whole, aligned int32 words: the words tiles may run
-    WORDS: tl.constexpr = False,  # levels by prmt from int32 words (_nf4_words_tile), x read in their order
+    WORDS_OK: tl.constexpr,  # codes rows in whole, aligned int32 words: the words tiles may run
+    WORDS: tl.constexpr,  # levels by prmt from int32 words (_nf4_words_tile), x read in their order
 ):  # fmt: skip
     # y.T [N, M] = W [N, K] @ x.T [K, M]: the dequantized weight is the dot's first operand, which
     # Hopper's wgmma may take from registers. Programs along axis 0 share one x tile, read from L2.
@@ -586,8 +589,10 @@ def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_si
     strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
     words_ok = wmm.word_rows(codes, 8, x.shape[1])  # the GEMV's words tiles also need one row (its prune)
+    # The GEMV's double-quant inputs unused (DQ False): the scale stands in for its pointers.
+    plain_scales = {"ss_ptr": scale, "mean_ptr": scale, "q_offset": 0, "DQ": False, "SBS": 1}
     return wmm.launch(
-        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, None,
+        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, plain_scales,
         BLOCK_SIZE=block_size, WORDS_OK=words_ok,
     )  # fmt: skip
 
