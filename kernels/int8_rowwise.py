@@ -113,8 +113,18 @@ def _round_to_bf16(x):
 def round_half_even(v):
     """fp32 ``v`` (|v| < 2**22) rounded to the nearest integer, ties to even, like ``torch.round``:
     adding 1.5 * 2**23 lands v in [2**23, 2**24), where the fp32 spacing is 1, so the add itself
-    rounds. ``libdevice.rint`` would do the same but is not available in the interpreter."""
-    return (v + 12582912.0) - 12582912.0
+    rounds. ``libdevice.rint`` would do the same but is not available in the interpreter.
+
+    On the GPU the add is PTX ``add.rn``, which is never contracted into an FMA: ``round_half_even(a * b)``
+    rounds the product first, as torch's ``round(a * b)`` does (a plain add fused into ``fma(a, b, 1.5 * 2**23)``
+    rounds once, and may land on the other integer where a * b is within an fp32 rounding of .5: seen as
+    one code in 2M differing between eager and inductor-compiled launches of the RMSNorm+quant kernel)."""
+    if _INTERPRETED:  # numpy rounds every op on its own
+        big = v + 12582912.0
+    else:
+        big = tl.inline_asm_elementwise("add.rn.f32 $0, $1, 0f4B400000;", "=f,f", [v], dtype=tl.float32,
+                                        is_pure=True, pack=1)  # fmt: skip
+    return big - 12582912.0
 
 
 # A fresh seed every call: without do_not_specialize, Triton specializes on seed % 16 == 0 and

@@ -127,7 +127,7 @@ def _rmsnorm_quant_fwd_kernel(
     # div_rn: IEEE division like torch's; plain `/` is approximate for fp32 on NVIDIA GPUs.
     a = tl.maximum(tl.max(tl.abs(n), axis=0), 1e-5)
     scale = tl.math.div_rn(a, 127.0)
-    v = round_half_even(n * tl.math.div_rn(127.0, a))  # |v| <= 127 (up to a rounding of the product)
+    v = round_half_even(n * tl.math.div_rn(127.0, a))  # the product rounded, then to an integer: |v| <= 127
     v = tl.minimum(tl.maximum(v, -128.0), 127.0)
     tl.store(y_ptr + row * stride_ym + cols, _as_stored(v * scale, y_ptr), mask=mask)
 

@@ -373,7 +373,10 @@ def test_triton_matches_reference_on_cuda(m, dtype):
     # 16-bit output (one ulp) plus, for GEMM, W rounded to x's dtype; atol for outputs near 0.
     y_ref = nf4_mm_reference(x, *args, bias)
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(F.linear(x, q, bias), y, atol=0, rtol=0)  # the NF4Tensor handler takes the kernel
+    # The NF4Tensor handler takes the kernel: the same launch from 2 rows on; one row takes the GEMV that
+    # computes the double-quant scales itself, autotuned on its own (another tile may sum in another order)
+    exact = {} if m == 1 else {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(F.linear(x, q, bias), y, **exact)
     torch._dynamo.reset()  # each parametrization is a new graph: stay under the recompile limit
     compiled = torch.compile(lambda x, w, b: F.linear(x, w, b), fullgraph=True)
     # not bit-exact: inductor autotunes the kernel again (another tile: 1-ulp differences on the H100)
