@@ -162,5 +162,9 @@ def test_triton_matches_reference_on_cuda_and_compiles(d):
     y_ref, h_ref = rmsnorm_quant_reference(x, w, r)
     _assert_codes_close(y, y_ref, x)
     torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
-    compiled = torch.compile(rmsnorm_quant, fullgraph=True)
-    torch.testing.assert_close(compiled(x, w, r), (y, h), atol=0, rtol=0)
+    # Compiled: the same kernel launched by inductor, which compiles it on its own; on the H200 one code
+    # in 2M (D = 4096) came out one step apart from the eager launch's (a .5 tie where rstd moved an
+    # ulp), so the codes are held to the reference's bound and the residual stream to exact equality
+    y_c, h_c = torch.compile(rmsnorm_quant, fullgraph=True)(x, w, r)
+    _assert_codes_close(y_c, y, x)
+    torch.testing.assert_close(h_c, h, atol=0, rtol=0)
