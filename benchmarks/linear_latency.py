@@ -32,6 +32,7 @@ would) with torch's default inductor settings for every row: torchao configs get
     python benchmarks/linear_latency.py                    # needs a CUDA GPU
     python benchmarks/linear_latency.py --json             # also writes results/linear_latency_<gpu>.json
     python benchmarks/linear_latency.py --only "bf16|quantframe int4" --m 1,16 --shapes 4096x4096
+    python benchmarks/linear_latency.py --json --merge --shapes 4096x4096   # add a shape to the existing file
 """
 
 from __future__ import annotations
@@ -374,6 +375,22 @@ def peer_versions() -> dict[str, str]:
     return versions
 
 
+def merge_results(earlier: dict, new: dict) -> dict:
+    """``--merge``: one result file from several runs (one shape a call where a call's time is short).
+    ``new``'s rows replace ``earlier``'s of the same (shape, run, M), the other rows are kept; every
+    row names the run that measured it (``run_index`` into ``meta["runs"]``, each run's own meta)."""
+    runs = earlier["meta"].get("runs") or [{k: v for k, v in earlier["meta"].items() if k != "runs"}]
+    old_rows = [{"run_index": 0, **r} for r in earlier["rows"]] if "runs" not in earlier["meta"] else earlier["rows"]
+    index = len(runs)
+    new_rows = [{**r, "run_index": index} for r in new["rows"]]
+    redone = {(tuple(r["shape"]), r["run"], r["m"]) for r in new_rows}
+    kept = [r for r in old_rows if (tuple(r["shape"]), r["run"], r["m"]) not in redone]
+    meta = {k: v for k, v in new["meta"].items() if k != "runs"}
+    # the file is complete when every run that went into it was
+    complete = all(run.get("complete", True) for run in runs) and meta.get("complete", True)
+    return {"meta": {**meta, "complete": complete, "runs": [*runs, meta]}, "rows": kept + new_rows}
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -418,6 +435,9 @@ def main(argv=None):
     parser.add_argument(
         "--tuned-inductor", action="store_true", help="torchao's inductor settings for all compiled rows"
     )
+    parser.add_argument(
+        "--merge", action="store_true", help="with --json: keep the existing file's rows that this run does not redo"
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     wanted = [w for w in args.only.split("|") if w]
@@ -450,11 +470,16 @@ def main(argv=None):
             "copy_gbps": bandwidth / 1e9, "l2_flush": not args.warm_l2, "tuned_inductor": args.tuned_inductor,
             "formats": {f: {"bits": b, "bound": t} for f, (b, t) in FORMATS.items()}}  # fmt: skip
 
+    earlier = json.loads(out.read_text()) if args.json and args.merge and out.exists() else None
+
     def write(rows_so_far: list[dict], complete: bool) -> None:
         """The JSON after every row, so that a run cut short (a time limit) keeps what it measured."""
         if args.json:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"meta": {**meta, "complete": complete}, "rows": rows_so_far}, indent=1))
+            result = {"meta": {**meta, "complete": complete}, "rows": rows_so_far}
+            if earlier is not None:
+                result = merge_results(earlier, result)
+            out.write_text(json.dumps(result, indent=1))
 
     all_rows = []
     for n, k in _shapes(args.shapes):

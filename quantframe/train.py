@@ -43,7 +43,8 @@ from quantframe.ternary import bitnet_training, convert_bitnet_to_ternary_
 
 __all__ = [
     "SCHEMES", "CONVERSIONS", "OPTIMIZERS", "TrainConfig", "TrainResult", "ByteLM", "ByteData", "load_stdlib_bytes",
-    "quantize_filter", "get_lr", "lm_loss", "estimate_loss", "weight_bytes", "load_dense_state_", "setup", "train",
+    "quantize_filter", "blocks_filter", "SCHEME_FILTERS", "get_lr", "lm_loss", "estimate_loss", "weight_bytes",
+    "load_dense_state_", "setup", "train",
 ]  # fmt: skip
 
 VOCAB = 256  # byte-level: every byte is a token, no tokenizer to ship
@@ -228,6 +229,17 @@ class ByteLM(nn.Module):
 def quantize_filter(module: nn.Module, fqn: str) -> bool:
     """The Linears inside the blocks and the lm_head; the embedding (a lookup) stays dense."""
     return isinstance(module, nn.Linear) and (fqn.startswith("layers.") or fqn == "lm_head")
+
+
+def blocks_filter(module: nn.Module, fqn: str) -> bool:
+    """The Linears inside the blocks only: BitNet b1.58 replaces those with BitLinear and keeps the
+    embedding and the output head in high precision (on the default CPU run a ternary head cost
+    val loss 1.765 against 1.523 with a dense one; dense fp32: 1.542)."""
+    return isinstance(module, nn.Linear) and fqn.startswith("layers.")
+
+
+# Scheme name -> which modules it quantizes (quantize_filter unless listed).
+SCHEME_FILTERS: dict[str, Callable[[nn.Module, str], bool]] = {"bitnet": blocks_filter}
 
 
 # ---- data: the standard library's .py files, as bytes -------------------------------------------
@@ -417,11 +429,12 @@ def setup(cfg: TrainConfig) -> tuple[torch.device, ByteData, ByteLM, AdamW]:
         load_dense_state_(model, cfg.init_from)
     model = model.to(device)
     qconfig = SCHEMES[cfg.quantize]()
+    selected = SCHEME_FILTERS.get(cfg.quantize, quantize_filter)
     if isinstance(qconfig, DoRAConfig):
         model.requires_grad_(False)  # embedding, norms and skipped Linears stay as loaded
-        apply_adapters_(model, qconfig, filter_fn=quantize_filter)  # new adapters require grad
+        apply_adapters_(model, qconfig, filter_fn=selected)  # new adapters require grad
     elif qconfig is not None:
-        quantize_(model, qconfig, filter_fn=quantize_filter)
+        quantize_(model, qconfig, filter_fn=selected)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]

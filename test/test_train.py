@@ -16,6 +16,7 @@ from quantframe.train import (
     load_stdlib_bytes,
     lm_loss,
     quantize_filter,
+    setup,
     train,
     weight_bytes,
 )
@@ -126,11 +127,20 @@ def test_bitnet_trains_and_its_ternary_conversion_keeps_the_loss():
     cfg = replace(TINY, steps=20, warmup_steps=3, eval_interval=0, quantize="bitnet")
     result = train(cfg, progress=False)
     assert "BitNetTrainingLinearWeight" in result.summary
+    # BitNet b1.58's layout: the blocks' Linears ternary, the embedding and the output head dense
+    _, _, model, _ = setup(cfg)
+    assert type(model.lm_head.weight) is torch.nn.Parameter
+    assert all(type(m.weight).__name__ == "BitNetTrainingLinearWeight" for m in model.layers.modules()
+               if isinstance(m, torch.nn.Linear))  # fmt: skip
     assert result.final_train_loss < result.losses[0] - 0.3  # it learns (from ~ln 256 = 5.55)
     # convert_bitnet_to_ternary_ packs the very ternary values the forward used: same loss
     assert abs(result.converted_val_loss - result.final_val_loss) < 1e-4
     assert abs(result.converted_train_loss - result.final_train_loss) < 1e-4
-    assert result.converted_weight_bytes < 0.4 * result.weight_bytes  # 2-bit codes vs fp32 masters
+    # the blocks' fp32 masters (4 bytes a weight) become 2-bit codes (1/4 byte) plus a scale each
+    block_linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    n = sum(m.weight.numel() for m in block_linears)
+    packed = result.weight_bytes - 4 * n + n // 4
+    assert packed <= result.converted_weight_bytes <= packed + 16 * len(block_linears)
     dense = train(replace(TINY, quantize="none"), progress=False)
     assert dense.converted_val_loss is None and dense.converted_weight_bytes is None
 
