@@ -30,7 +30,7 @@ from quantframe import primitives as P
 from . import _weight_mm as wmm
 # bare names: inductor resolves a user kernel's jit helpers by name
 from ._weight_mm import bias_and_store, load_words, x_column
-from . import use_triton
+from . import call_op, use_triton
 
 __all__ = [
     "affine_dequantize",
@@ -431,8 +431,7 @@ def _affine_dequantize_kernel(
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
-@triton_op("quantframe::affine_mm", mutates_args=())
-def _affine_mm_op(
+def _affine_mm_impl(
     x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int, bias: Tensor | None
 ) -> Tensor:
     """2-D ``x [M, K]``; ``group_size`` 0 = per row; arguments checked by :func:`affine_mm_triton`."""
@@ -444,6 +443,10 @@ def _affine_mm_op(
         _affine_gemv_kernel, _affine_gemm_kernel, x, weights, strides, bias, qdata.shape[0],
         {"magic": wmm.MAGIC_BITS, "WORDS": words}, **constexprs,
     )  # fmt: skip
+
+
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_affine_mm_op = triton_op("quantframe::affine_mm", mutates_args=())(_affine_mm_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -495,7 +498,8 @@ def affine_mm_triton(
     if problem is not None:
         raise problem
     lead = x.shape[:-1]
-    y = torch.ops.quantframe.affine_mm(
+    y = call_op(
+        torch.ops.quantframe.affine_mm, _affine_mm_impl,
         x.reshape(-1, x.shape[-1]),  # a view when it can be; the kernels take any strides
         qdata,
         scale.float(),

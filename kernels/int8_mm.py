@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import use_triton
+from . import call_op, use_triton
 # dp4a, load_words: bare names (inductor resolves a user kernel's jit helpers by name)
 from ._weight_mm import dp4a, load_words, word_rows
 # round_half_even: a bare name (inductor resolves a user kernel's jit helpers by name)
@@ -256,8 +256,7 @@ def _int8_gemv_kernel(
 
 # triton_op + wrap_triton: torch.compile traces the kernel instead of graph-breaking (on a GPU;
 # under TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
-@triton_op("quantframe::int8_scaled_mm", mutates_args=())
-def _int8_scaled_mm_op(
+def _int8_scaled_mm_impl(
     a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """Arguments already checked by :func:`int8_scaled_mm_triton`."""
@@ -284,6 +283,10 @@ def _int8_scaled_mm_op(
     return c
 
 
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_int8_scaled_mm_op = triton_op("quantframe::int8_scaled_mm", mutates_args=())(_int8_scaled_mm_impl)
+
+
 def _k_major(t: Tensor) -> Tensor:
     # Hopper's int8 wgmma reads its operands K-major from shared memory. For an operand that is
     # not, triton transposes every tile on the way and keeps fewer in flight (sm_90 build of the
@@ -297,7 +300,8 @@ def int8_scaled_mm_triton(
 ) -> Tensor:  # fmt: skip
     """Triton version of :func:`int8_scaled_mm_reference`: same arguments, result and errors."""
     _check_mm_args(a, b, a_scale, b_scale, bias, out_dtype)
-    return torch.ops.quantframe.int8_scaled_mm(
+    return call_op(
+        torch.ops.quantframe.int8_scaled_mm, _int8_scaled_mm_impl,
         _k_major(a), _k_major(b), a_scale.contiguous(), b_scale.contiguous(),
         bias.contiguous() if bias is not None else None, out_dtype,
     )  # fmt: skip

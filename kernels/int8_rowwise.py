@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import use_triton
+from . import call_op, use_triton
 
 __all__ = ["quantize_rowwise_int8", "quantize_rowwise_int8_reference", "quantize_rowwise_int8_triton"]
 
@@ -194,7 +194,8 @@ def quantize_rowwise_int8_triton(
         # drawn outside the custom op: under torch.compile the op body only sees fake tensors
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic and noise is None else 0
     has_noise = stochastic and noise is not None
-    return torch.ops.quantframe.quantize_rowwise_int8(
+    return call_op(
+        torch.ops.quantframe.quantize_rowwise_int8, _quantize_rowwise_int8_impl,
         w.detach().contiguous(), noise.contiguous() if has_noise else None, stochastic, seed,
         col_scale.contiguous() if col_scale is not None else None,
     )  # fmt: skip
@@ -202,8 +203,7 @@ def quantize_rowwise_int8_triton(
 
 # triton_op + wrap_triton let torch.compile trace into the kernel (the activation quantization of
 # int8 mixed-precision training runs inside compiled forwards); in eager mode it just launches it.
-@triton_op("quantframe::quantize_rowwise_int8", mutates_args=())
-def _quantize_rowwise_int8_op(
+def _quantize_rowwise_int8_impl(
     w: Tensor, noise: Tensor | None, stochastic: bool, seed: int, col_scale: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Contiguous ``w [N, K]``; arguments already checked by :func:`quantize_rowwise_int8_triton`."""
@@ -226,6 +226,12 @@ def _quantize_rowwise_int8_op(
         BLOCK_K=min(triton.next_power_of_2(k), _MAX_BLOCK_K),
     )
     return q, scale
+
+
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_quantize_rowwise_int8_op = triton_op("quantframe::quantize_rowwise_int8", mutates_args=())(
+    _quantize_rowwise_int8_impl
+)
 
 
 def quantize_rowwise_int8(

@@ -34,7 +34,7 @@ from torch.library import triton_op
 from . import _weight_mm as wmm
 # bare names: inductor resolves a user kernel's jit helpers by name
 from ._weight_mm import bias_and_store, load_words, x_column
-from . import is_traced, use_triton
+from . import call_op, is_traced, use_triton
 
 __all__ = [
     "nf4_block_scales",
@@ -583,8 +583,9 @@ def nf4_block_scales(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int
 
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
-@triton_op("quantframe::nf4_mm", mutates_args=())
-def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None) -> Tensor:
+def _nf4_mm_impl(
+    x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_size: int, bias: Tensor | None
+) -> Tensor:
     """2-D ``x [M, K]``, fp32 ``scale [N, K // block_size]`` and ``levels [16]``; checked by :func:`nf4_mm_triton`."""
     strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
@@ -595,6 +596,10 @@ def _nf4_mm_op(x: Tensor, codes: Tensor, scale: Tensor, levels: Tensor, block_si
         _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, plain_scales,
         BLOCK_SIZE=block_size, WORDS_OK=words_ok,
     )  # fmt: skip
+
+
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_nf4_mm_op = triton_op("quantframe::nf4_mm", mutates_args=())(_nf4_mm_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -639,7 +644,8 @@ def nf4_mm_triton(
     if problem is not None:
         raise problem
     lead, k = x.shape[:-1], x.shape[-1]
-    y = torch.ops.quantframe.nf4_mm(
+    y = call_op(
+        torch.ops.quantframe.nf4_mm, _nf4_mm_impl,
         x.reshape(-1, k),  # a view when it can be; the kernels take any strides
         codes,
         scale.float().reshape(codes.shape[0], k // block_size),

@@ -33,7 +33,7 @@ from torch.library import triton_op, wrap_triton
 
 from quantframe import primitives as P
 
-from . import use_triton
+from . import call_op, use_triton
 from . import _weight_mm as wmm
 # dp4a, load_words, round_half_even: bare names (inductor resolves a user kernel's jit helpers by name)
 from ._weight_mm import DENSE_MIN_ROWS, dp4a, load_words, rows
@@ -311,8 +311,7 @@ def _quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.const
         tl.store(q_ptr + row * K + cols, tl.minimum(tl.maximum(c, -128.0), 127.0).to(tl.int8), mask=cols < K)
 
 
-@triton_op("quantframe::ternary_quantize_tokens", mutates_args=())
-def _quantize_tokens_op(x2d: Tensor) -> tuple[Tensor, Tensor]:
+def _ternary_quantize_tokens_impl(x2d: Tensor) -> tuple[Tensor, Tensor]:
     """``x2d [M, K]`` with unit column stride -> int8 codes ``[M, K]`` (contiguous), fp32 ``sx [M, 1]``."""
     m, k = x2d.shape
     codes = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
@@ -324,9 +323,16 @@ def _quantize_tokens_op(x2d: Tensor) -> tuple[Tensor, Tensor]:
     return codes, sx
 
 
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_quantize_tokens_op = triton_op("quantframe::ternary_quantize_tokens", mutates_args=())(
+    _ternary_quantize_tokens_impl
+)
+
+
 def _quantize_tokens_triton(x2d: Tensor) -> tuple[Tensor, Tensor]:
     """Triton version of :func:`_quantize_tokens` (bit for bit), one launch."""
-    return torch.ops.quantframe.ternary_quantize_tokens(x2d if x2d.stride(-1) == 1 else x2d.contiguous())
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    return call_op(torch.ops.quantframe.ternary_quantize_tokens, _ternary_quantize_tokens_impl, x2d)
 
 
 # ---- more rows: unpack W to int8 once, cuBLAS's INT8 GEMM (torch._int_mm), one epilogue pass ----
@@ -472,8 +478,7 @@ def _token_configs() -> list[triton.Config]:
 _ternary_token_gemv = triton.autotune(configs=_token_configs(), key=["N", "K"])(_ternary_token_gemv_kernel)
 
 
-@triton_op("quantframe::ternary_token_gemv", mutates_args=())
-def _ternary_token_gemv_op(
+def _ternary_token_gemv_impl(
     x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """Float ``x [1, K]`` (unit stride, ``K % 16 == 0``); checked by :func:`ternary_mm_triton`. The
@@ -492,8 +497,11 @@ def _ternary_token_gemv_op(
     return y
 
 
-@triton_op("quantframe::ternary_mm", mutates_args=())
-def _ternary_mm_op(
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_ternary_token_gemv_op = triton_op("quantframe::ternary_token_gemv", mutates_args=())(_ternary_token_gemv_impl)
+
+
+def _ternary_mm_impl(
     x_codes: Tensor, sx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """int8 ``x_codes [M, K]`` (contiguous), fp32 ``sx [M]``; arguments checked by :func:`ternary_mm_triton`."""
@@ -515,6 +523,10 @@ def _ternary_mm_op(
     return y
 
 
+# Registered from the plain function, which eager calls take directly where they can (call_op).
+_ternary_mm_op = triton_op("quantframe::ternary_mm", mutates_args=())(_ternary_mm_impl)
+
+
 def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """Triton version of :func:`ternary_mm_reference` for fp32/fp16/bf16 ``x`` (else TypeError);
     equal up to fp32 summation order (the integer products are exact). Forward only."""
@@ -524,10 +536,12 @@ def ternary_mm_triton(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | N
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     if FUSE_ONE_TOKEN and x2d.shape[0] == 1 and k % 16 == 0 and x2d.stride(-1) == 1:
-        y = torch.ops.quantframe.ternary_token_gemv(x2d, packed, scale.float().reshape(()), bias, x.dtype)
+        op, args = torch.ops.quantframe.ternary_token_gemv, (x2d, packed, scale.float().reshape(()), bias, x.dtype)
+        y = call_op(op, _ternary_token_gemv_impl, *args)
         return y.reshape(*x.shape[:-1], packed.shape[0])
     codes, sx = _quantize_tokens_triton(x2d)
-    y = torch.ops.quantframe.ternary_mm(
+    y = call_op(
+        torch.ops.quantframe.ternary_mm, _ternary_mm_impl,
         codes, sx.reshape(-1), packed.contiguous(), scale.float().reshape(()), bias, x.dtype
     )
     return y.reshape(*x.shape[:-1], packed.shape[0])
