@@ -31,13 +31,26 @@ def is_traced(t: torch.Tensor) -> bool:
 
 
 def call_op(op, impl, *args):
-    """``op(*args)``, a registered custom op, or its implementation ``impl(*args)`` straight where the
-    op has nothing to add: outside tracing (``args[0]`` real) and with no autograd graph to record (grad
-    mode off, or no tensor argument that requires grad). Same kernels, same result. The dispatcher's
-    custom-op path (autograd key, redispatch) cost ~13 µs of Python a call on the CPU machine, a third
-    of an eager one-token call's host time before the kernel launch."""
+    """``op(*args)``, a ``triton_op``, or its implementation ``impl(*args)`` straight where the op has
+    nothing to add: outside tracing (``args[0]`` real) and with no autograd graph to record (grad mode
+    off, or no tensor argument that requires grad). Same kernels, same result. The dispatcher's
+    custom-op path (autograd key, redispatch) costs ~13 µs of Python a call on the CPU machine.
+
+    ``impl`` runs as ``triton_op`` runs it, with ``wrap_triton`` off: ``wrap_triton(kernel)[grid](...)``
+    then launches the kernel itself, where with it on (the default outside a ``triton_op``) every eager
+    launch goes through the tracing HOP (argument flattening, ``inspect.signature``, an ``exec``):
+    ~600 µs of Python a call on the CPU machine."""
+    if _set_wrap_triton is None:
+        return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return op(*args)
     if is_traced(args[0]):
         return op(*args)
-    return impl(*args)
+    with _set_wrap_triton(False):
+        return impl(*args)
+
+
+try:  # how triton_op runs its function (torch >= 2.6); without it call_op always takes the op
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton
+except ImportError:  # pragma: no cover - older torch
+    _set_wrap_triton = None

@@ -18,6 +18,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from . import is_traced
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_MAX_ROWS = 16  # up to this many rows of x, the fused kernels read the packed weight (bandwidth bound)
 # From this many rows on, the dispatchers (affine_mm, nf4_mm) dequantize W once and call the dense
@@ -244,8 +246,16 @@ def launch_dequantize(
     w = torch.empty((n, k), dtype=dtype, device=weights[0].device)
     if w.numel():
         grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
-        wrap_triton(kernel)[grid](*weights, w, n, k, *weight_strides, **constexprs, BLOCK_N=32, BLOCK_K=block_k)
+        launcher(kernel, w)[grid](*weights, w, n, k, *weight_strides, **constexprs, BLOCK_N=32, BLOCK_K=block_k)
     return w
+
+
+def launcher(kernel, t: Tensor):
+    """``kernel`` itself when ``t`` holds data, ``wrap_triton(kernel)`` while it is traced. Code that
+    runs outside a ``triton_op`` (a ``custom_op`` body such as the dense prefill paths, an eager
+    ``dequantize()``) sees ``wrap_triton`` on, and then every eager launch goes through the tracing
+    HOP: ~600 µs of Python a launch on the CPU machine, against a direct launch's few."""
+    return wrap_triton(kernel) if is_traced(t) else kernel
 
 
 def launch(

@@ -76,3 +76,27 @@ def test_affine_launcher_skips_the_op_in_eager_inference_and_not_for_training(mo
     torch.testing.assert_close(direct, through_op.detach(), atol=0, rtol=0)
     through_op.sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_the_implementation_runs_with_wrap_triton_off_as_a_triton_op_runs_it():
+    # with wrap_triton on (its default outside a triton_op) every eager launch goes through the
+    # tracing HOP (~600 us of Python); off, wrap_triton(kernel) is the kernel itself
+    from torch._library.triton import is_wrap_triton_enabled
+
+    seen = []
+    with torch.no_grad():
+        call_op(None, lambda x: seen.append(is_wrap_triton_enabled()), torch.randn(2))
+    assert seen == [False] and is_wrap_triton_enabled()
+
+
+def test_launcher_wraps_only_traced_launches(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from quantframe.kernels import _weight_mm
+
+    # (under the interpreter wrap_triton returns the kernel itself: observe the call instead)
+    monkeypatch.setattr(_weight_mm, "wrap_triton", lambda k: ("wrapped", k))
+    kernel = affine_mm_module._affine_dequantize_kernel
+    assert _weight_mm.launcher(kernel, torch.randn(2)) is kernel
+    with FakeTensorMode() as mode:
+        assert _weight_mm.launcher(kernel, mode.from_tensor(torch.randn(2))) == ("wrapped", kernel)
