@@ -100,3 +100,32 @@ def test_launcher_wraps_only_traced_launches(monkeypatch):
     assert _weight_mm.launcher(kernel, torch.randn(2)) is kernel
     with FakeTensorMode() as mode:
         assert _weight_mm.launcher(kernel, mode.from_tensor(torch.randn(2))) == ("wrapped", kernel)
+
+
+@torch.library.custom_op("quantframe_test::scaled", mutates_args=())
+def _scaled_op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x * y
+
+
+@_scaled_op.register_fake
+def _(x, y):
+    return torch.empty_like(x)
+
+
+def test_compiled_callers_trace_the_op_without_a_graph_break():
+    # under dynamo call_op must take the op (the tracer sees it); fullgraph fails on any graph break
+    impl_calls = []
+
+    def impl(x, y):
+        impl_calls.append(1)
+        return x * y
+
+    def f(x, y):
+        return call_op(torch.ops.quantframe_test.scaled, impl, x, y) + 1
+
+    torch._dynamo.reset()
+    x, y = torch.randn(4), torch.randn(4)
+    with torch.no_grad():
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
+    torch.testing.assert_close(out, x * y + 1)
+    assert impl_calls == []
