@@ -4,6 +4,11 @@ Each family lives in one file with its ``@triton.jit`` kernels, a ``<op>_triton`
 pure-PyTorch ``<op>_reference`` with the same signature, and ``<op>``, which picks between them
 with :func:`use_triton`. Kernel modules import triton at their top; the package imports them
 lazily, so ``import quantframe`` works without triton.
+
+Launches: inside a ``triton_op`` a kernel runs as ``wrap_triton(kernel)[grid](...)`` (torch.compile
+traces it); eager callers reach it through :func:`call_op`, and code outside any op through
+``_weight_mm.launcher``, so that no eager launch goes through the tracing HOP
+(test/test_eager_launch.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ goes through ``triton_kernel_wrapper_mutation`` even in eager: argument flatteni
 decode and small prefill calls host-bound on the GPU. This runs every inference format the way a
 GPU would take it (the dispatch rule says CUDA), with Triton's own launch replaced by a counter
 (no GPU here), in a fresh process without ``TRITON_INTERPRET`` (the interpreter skips the HOP), and
-fails if any launch reaches the HOP.
+fails if any launch reaches the HOP. Training (forward, backward, optimizer step) of the three
+training schemes too.
 """
 
 import os
@@ -29,9 +30,11 @@ SCRIPT = textwrap.dedent(
 
     triton_kernel_wrap.tracing_triton_hopifier_singleton.call_triton_kernel = hop
 
-    import quantframe.kernels as K
-    for info in pkgutil.iter_modules(K.__path__):
-        module = importlib.import_module(f"quantframe.kernels.{info.name}")
+    import quantframe, quantframe.kernels as K
+    names = [f"quantframe.kernels.{m.name}" for m in pkgutil.iter_modules(K.__path__)]
+    names += [f"quantframe.{m.name}" for m in pkgutil.iter_modules(quantframe.__path__)]
+    for name in names:
+        module = importlib.import_module(name)
         if hasattr(module, "use_triton"):
             module.use_triton = lambda t: True  # take the CUDA paths
     from quantframe import (quantize_, int8_weight_only, int4_weight_only, int8_dynamic_activation_int8_weight,
@@ -46,6 +49,21 @@ SCRIPT = textwrap.dedent(
             before = len(launches)
             with torch.no_grad():
                 layer(torch.randn(rows, 256, dtype=torch.bfloat16))
+            assert len(launches) > before, (name, rows, "no Triton launch: the test no longer reaches the kernels")
+
+    from quantframe import bitnet_training, int8_mixed_precision_training, int8_weight_only_quantized_training
+    from quantframe.optim import AdamW
+
+    training = {"int8-qt": int8_weight_only_quantized_training, "int8-mp": int8_mixed_precision_training,
+                "bitnet": bitnet_training}
+    for name, config in training.items():
+        for rows in (4, 17):  # forward, backward and the optimizer step
+            layer = nn.Linear(256, 64, bias=False, dtype=torch.bfloat16)
+            quantize_(layer, config())
+            before = len(launches)
+            x = torch.randn(rows, 256, dtype=torch.bfloat16, requires_grad=True)
+            layer(x).float().sum().backward()
+            AdamW(layer.parameters(), lr=1e-3).step()
             assert len(launches) > before, (name, rows, "no Triton launch: the test no longer reaches the kernels")
     print("ok", len(launches))
     """
