@@ -18,6 +18,7 @@ loss went in those steps, so a match is not a loss that did not move).
     python benchmarks/fsdp2.py                                # one process = one GPU
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --cpu-smoke   # gloo, tiny model, eager, checks only
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --only "int8 QT" --check-steps 0 --profile --trace-dir $OUT
+    torchrun --nproc-per-node 2 benchmarks/fsdp2.py --json --batch 16   # 4x the anchor's work: fsdp2_<gpu>_x2_b16.json
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Setup:
     check_steps: int
     profile: bool = False
     trace_dir: str | None = None  # with profile: rank 0 writes each row's step as a gzipped Chrome trace
+    batch: int = BATCH  # global batch (sequences), split over the ranks
 
 
 def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -150,7 +152,7 @@ def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.O
 
 def global_batch(setup: Setup) -> torch.Tensor:
     g = torch.Generator(device=setup.device).manual_seed(1)
-    shape = (BATCH, setup.sizes["seq"], setup.sizes["dim"])
+    shape = (setup.batch, setup.sizes["seq"], setup.sizes["dim"])
     return torch.randn(shape, generator=g, device=setup.device, dtype=torch.bfloat16)
 
 
@@ -322,6 +324,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--profile", action="store_true", help="print rank 0's top host ops and GPU kernels of a step")
     parser.add_argument("--trace-dir", default=None, help="with --profile: each row's step as a gzipped Chrome trace")
     parser.add_argument("--no-compile", action="store_true", help="eager blocks")
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help="global batch in sequences, split over the ranks (the anchor: %(default)s); more "
+                             "makes the step GPU-bound rather than host-bound")  # fmt: skip
     parser.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny model, eager, 2 steps")
     args = parser.parse_args(argv)
 
@@ -336,16 +341,17 @@ def main(argv=None) -> list[dict]:
         sizes, compiled = dict(dim=DIM, hidden=HIDDEN, blocks=BLOCKS, seq=SEQ), not args.no_compile
     _init_process_group("gloo" if device.type == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if BATCH % world:
-        raise SystemExit(f"the global batch ({BATCH}) must split evenly over {world} ranks")
-    setup = Setup(device, sizes, compiled, args.steps, args.warmup, args.check_steps, args.profile, args.trace_dir)
+    if args.batch < 1 or args.batch % world:
+        raise SystemExit(f"--batch {args.batch}: the global batch must be a positive multiple of the {world} ranks")
+    setup = Setup(device, sizes, compiled, args.steps, args.warmup, args.check_steps, args.profile, args.trace_dir,
+                  args.batch)  # fmt: skip
     try:
         import triton
 
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if rank == 0:
             print(f"{gpu} x{world} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}"
-                  f" | sizes {sizes} batch {BATCH} | {'compiled' if compiled else 'eager'} blocks")  # fmt: skip
+                  f" | sizes {sizes} batch {setup.batch} | {'compiled' if compiled else 'eager'} blocks")  # fmt: skip
         wanted = [w for w in args.only.split("|") if w]
         rows = []
         for name, row in ROWS.items():
@@ -362,11 +368,12 @@ def main(argv=None) -> list[dict]:
                         for name, count, ms in r["top"][what]:
                             print(f"  {what[:3]} {ms:8.2f} ms {count:5d}x  {name}")
             if args.json:
-                out = Path(args.out) / f"fsdp2_{gpu.replace(' ', '_')}_x{world}.json"
+                batch = "" if setup.batch == BATCH else f"_b{setup.batch}"  # the anchor's file stays the anchor's
+                out = Path(args.out) / f"fsdp2_{gpu.replace(' ', '_')}_x{world}{batch}.json"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 meta = {"gpu": gpu, "world": world, "torch": torch.__version__, "triton": triton.__version__,
                         "date": str(datetime.date.today()), "python": platform.python_version(), "sizes": sizes,
-                        "batch": BATCH, "compiled": compiled, "lr": LR}  # fmt: skip
+                        "batch": setup.batch, "compiled": compiled, "lr": LR}  # fmt: skip
                 out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
                 print(f"wrote {out}")
         return rows
