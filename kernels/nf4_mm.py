@@ -581,6 +581,12 @@ def nf4_block_scales(qs: Tensor, scaler_scale: Tensor, mean: Tensor, offset: int
     return nf4_block_scales_reference(qs, scaler_scale, mean, offset, scaler_block_size)
 
 
+def _plain_scale_args(scale: Tensor) -> dict:
+    """The GEMV's double-quant arguments for plain fp32 block scales: DQ off, the scale standing in for
+    the unused pointers (every kernel parameter is passed: see test_kernel_signatures)."""
+    return {"ss_ptr": scale, "mean_ptr": scale, "q_offset": 0, "DQ": False, "SBS": 1}
+
+
 # triton_op + wrap_triton let torch.compile trace into the kernels (on a GPU; under
 # TRITON_INTERPRET=1 fake tensors would reach the interpreted kernel).
 def _nf4_mm_impl(
@@ -590,10 +596,8 @@ def _nf4_mm_impl(
     strides = (*codes.stride(), *scale.stride())  # levels: contiguous [16], no stride
     n = codes.shape[0]
     words_ok = wmm.word_rows(codes, 8, x.shape[1])  # the GEMV's words tiles also need one row (its prune)
-    # The GEMV's double-quant inputs unused (DQ False): the scale stands in for its pointers.
-    plain_scales = {"ss_ptr": scale, "mean_ptr": scale, "q_offset": 0, "DQ": False, "SBS": 1}
     return wmm.launch(
-        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, plain_scales,
+        _nf4_gemv_kernel, _nf4_gemm_kernel, x, (codes, scale, levels), strides, bias, n, _plain_scale_args(scale),
         BLOCK_SIZE=block_size, WORDS_OK=words_ok,
     )  # fmt: skip
 

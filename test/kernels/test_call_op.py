@@ -49,13 +49,6 @@ def test_fake_tensors_take_the_op():
     assert calls == ["op"]
 
 
-def _affine_args(requires_grad=False):
-    torch.manual_seed(0)
-    q = AffineQuantizedTensor.from_float(torch.randn(24, 64), bits=4, group_size=32, symmetric=False)
-    x = torch.randn(1, 64, requires_grad=requires_grad)
-    return x, q
-
-
 def test_affine_launcher_skips_the_op_in_eager_inference_and_not_for_training(monkeypatch):
     # the module-level name is what call_op gets; the registered op keeps the original function
     seen = []
@@ -66,7 +59,8 @@ def test_affine_launcher_skips_the_op_in_eager_inference_and_not_for_training(mo
         return impl(*args)
 
     monkeypatch.setattr(affine_mm_module, "_affine_mm_impl", spy)
-    x, q = _affine_args()
+    q = AffineQuantizedTensor.from_float(torch.randn(24, 64), bits=4, group_size=32, symmetric=False)
+    x = torch.randn(1, 64)
     with torch.no_grad():
         direct = affine_mm_module.affine_mm_triton(x, q.qdata, q.scale, q.zero_point, 4, 32)
     assert len(seen) == 1

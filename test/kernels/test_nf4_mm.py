@@ -31,11 +31,6 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16:
 LEVELS = torch.tensor(NF4_LEVELS)
 
 
-def _no_double_quant(scale2):
-    """The GEMV's double-quant arguments for plain fp32 block scales (DQ off: the pointers unused)."""
-    return {"ss_ptr": scale2, "mean_ptr": scale2, "q_offset": 0, "DQ": False, "SBS": 1}
-
-
 def _weight(n, k, block_size):
     """(codes, scale) of random codes and positive block scales in the NF4Tensor layout."""
     codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
@@ -403,7 +398,7 @@ def test_words_row_matches_reference_on_cuda():
         x, q.codes, scale2, _level_table(q.device), scale2, y, 1, n, k, *x.stride(), *q.codes.stride(),
         *scale2.stride(), *y.stride(),
         BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, WORDS=True,
-        **_no_double_quant(scale2),
+        **nf4_mm_module._plain_scale_args(scale2),
     )  # fmt: skip
     levels = _level_table(q.device).half().float()
     y_ref = nf4_mm_reference(x, q.codes, q.block_scales(), levels, block_size)
@@ -427,7 +422,7 @@ def test_words_row_matches_reference_across_blocks(block_size, block_n, block_k)
     nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, block_n),)](
         x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
         BLOCK_SIZE=block_size, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
-        WORDS=True, **_no_double_quant(scale2),
+        WORDS=True, **nf4_mm_module._plain_scale_args(scale2),
     )  # fmt: skip
     # prmt: the levels as fp16, each within 2**-12 of itself: the sum within ~2**-12 of its magnitude
     levels = LEVELS.half().float()
@@ -552,7 +547,8 @@ def test_every_gpu_gemv_config_for_one_row_matches_the_reference(monkeypatch):
         y = torch.empty(1, n)
         nf4_mm_module._nf4_gemv_kernel.fn[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
             x, codes, scale2, LEVELS, scale2, y, 1, n, k, *x.stride(), *codes.stride(), *scale2.stride(), *y.stride(),
-            BLOCK_SIZE=64, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs, **_no_double_quant(scale2),
+            BLOCK_SIZE=64, HAS_BIAS=False, WORDS_OK=True, BLOCK_M=1, **c.kwargs,
+            **nf4_mm_module._plain_scale_args(scale2),
         )  # fmt: skip
         levels = LEVELS.half().float() if c.kwargs["WORDS"] else LEVELS
         ref = nf4_mm_reference(x, codes, scale, levels, 64)
