@@ -18,7 +18,12 @@ loss went in those steps, so a match is not a loss that did not move).
     python benchmarks/fsdp2.py                                # one process = one GPU
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --cpu-smoke   # gloo, tiny model, eager, checks only
     torchrun --nproc-per-node 2 benchmarks/fsdp2.py --only "int8 QT" --check-steps 0 --profile --trace-dir $OUT
-    torchrun --nproc-per-node 2 benchmarks/fsdp2.py --json --batch 16   # 4x the anchor's work: fsdp2_<gpu>_x2_b16.json
+    torchrun --nproc-per-node 2 benchmarks/fsdp2.py --json --batch 32   # 8x the anchor's work: fsdp2_<gpu>_x2_b32.json
+    torchrun --nproc-per-node 2 benchmarks/fsdp2.py --json --no-reshard  # blocks not resharded: ..._noreshard.json
+
+Each row also reports the host time per step in forward / backward / optimizer and the rest (the loss
+all-reduce, and the wait for the GPU after the last step), the largest rank's (``host_ms``, the clock
+without synchronizing): when the phases add up to the step time, the host sets the pace, not the GPU.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class Setup:
     profile: bool = False
     trace_dir: str | None = None  # with profile: rank 0 writes each row's step as a gzipped Chrome trace
     batch: int = BATCH  # global batch (sequences), split over the ranks
+    reshard: bool = True  # fully_shard(reshard_after_forward=...) of each block
 
 
 def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -144,7 +150,7 @@ def build(row: Row, setup: Setup, shard: bool) -> tuple[nn.Module, torch.optim.O
         if setup.compiled:  # per block, FSDP2's hooks stay eager around it (as torchtitan does)
             model[i] = torch.compile(block)
         if shard:
-            fully_shard(model[i])
+            fully_shard(model[i], reshard_after_forward=setup.reshard)
     if shard:
         fully_shard(model)
     return model, row.optimizer(model)
@@ -156,12 +162,22 @@ def global_batch(setup: Setup) -> torch.Tensor:
     return torch.randn(shape, generator=g, device=setup.device, dtype=torch.bfloat16)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
-    """Forward, backward, optimizer step; returns the loss of the whole batch (mean over the ranks)."""
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, marks: list[float] | None = None
+) -> torch.Tensor:
+    """Forward, backward, optimizer step; returns the loss of the whole batch (mean over the ranks).
+    ``marks``: appends the host clock after each phase (no sync: when the host sets the pace, the
+    gaps are where its time goes)."""
     loss = model(x).float().square().mean()
+    if marks is not None:
+        marks.append(time.perf_counter())
     loss.backward()
+    if marks is not None:
+        marks.append(time.perf_counter())
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if marks is not None:
+        marks.append(time.perf_counter())
     loss = loss.detach()
     if isinstance(model, FSDPModule):  # sharded: each rank saw its share of the batch
         dist.all_reduce(loss)
@@ -193,7 +209,10 @@ def run_row(name: str, row: Row, setup: Setup) -> dict:
         if row.peer:
             __import__(row.peer)
         reference = single_process_losses(row, setup) if rank == 0 and setup.check_steps else None
-        _free(setup, reset_compiled=False)  # the sharded blocks can reuse the reference's compiled code
+        # compile the sharded blocks afresh on every rank: reusing the reference's code (the whole batch), rank 0
+        # would recompile them with a dynamic batch dimension, which the other ranks do not (and torch 2.11
+        # fails to compile a Triton kernel that writes into a view with a dynamic dimension: pytorch#181735)
+        _free(setup)
         dist.barrier()
         if setup.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(setup.device)
@@ -204,11 +223,20 @@ def run_row(name: str, row: Row, setup: Setup) -> dict:
         _sync(setup.device)
         dist.barrier()
         t0 = time.perf_counter()
+        marks = []
         for _ in range(setup.steps):
-            loss = train_step(model, opt, x)
+            marks.append(time.perf_counter())
+            loss = train_step(model, opt, x, marks)
         _sync(setup.device)
-        ms = torch.tensor((time.perf_counter() - t0) * 1e3 / setup.steps, device=setup.device)
+        marks.append(time.perf_counter())
+        ms = torch.tensor((marks[-1] - t0) * 1e3 / setup.steps, device=setup.device)
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the step takes as long as the slowest rank
+        # host time per step in forward / backward / optimizer, and the rest (the loss all-reduce and, after
+        # the last step, the wait for the GPU): what the host waits on shows in the rest; the largest rank's
+        gaps = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+        host = torch.tensor([sum(gaps[i::4]) / setup.steps for i in range(4)], device=setup.device)
+        dist.all_reduce(host, op=dist.ReduceOp.MAX)
+        result["host_ms"] = dict(zip(("fwd", "bwd", "opt", "rest"), host.tolist()))
         counts.reset()
         if setup.profile and rank == 0:
             trace = None if setup.trace_dir is None else Path(setup.trace_dir) / f"trace_{_slug(name)}.json.gz"
@@ -272,10 +300,9 @@ def _profiled(step: Callable[[], object], device: torch.device, trace: Path | No
             "gpu_total_ms": sum(e.self_device_time_total for e in gpu) / 1e3}  # fmt: skip
 
 
-def _free(setup: Setup, reset_compiled: bool = True) -> None:
+def _free(setup: Setup) -> None:
     gc.collect()
-    if reset_compiled:
-        torch._dynamo.reset()
+    torch._dynamo.reset()
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -289,7 +316,7 @@ def print_tables(rows: list[dict], world: int) -> None:
         base = next((r for r in sub if "error" not in r and r["run"].startswith("bf16")), None)
         print(f"\n{table} ({world} rank{'s' if world > 1 else ''})")
         print(f"{'run':42s} {'ms/step':>8s} {'vs bf16':>7s} {'peak GiB':>8s} {'AG MiB':>8s} {'AG/bf16':>7s} "
-              f"{'RS MiB':>8s} {'loss rel diff':>13s} {'loss moved':>10s}")  # fmt: skip
+              f"{'RS MiB':>8s} {'loss rel diff':>13s} {'loss moved':>10s} {'host fwd/bwd/opt/rest ms':>24s}")  # fmt: skip
         for r in sub:
             if "error" in r:
                 print(f"{r['run']:42s} n/a  ({r['error']})")
@@ -299,9 +326,10 @@ def print_tables(rows: list[dict], world: int) -> None:
             ag = f"{r['all_gather_bytes'] / base['all_gather_bytes']:.3f}" if base and base["all_gather_bytes"] else "n/a"
             diff = f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "-"
             moved = f"{r['loss_moved']:.1e}" if "loss_moved" in r else "-"
+            host = "/".join(f"{v:.1f}" for v in r["host_ms"].values()) if "host_ms" in r else "-"
             print(f"{r['run']:42s} {r['ms_per_step']:8.2f} {speed:>7s} {r['peak_gib']:8.2f} "
                   f"{r['all_gather_bytes'] / 2**20:8.1f} {ag:>7s} {r['reduce_scatter_bytes'] / 2**20:8.1f} "
-                  f"{diff:>13s} {moved:>10s}")  # fmt: skip
+                  f"{diff:>13s} {moved:>10s} {host:>24s}")  # fmt: skip
 
 
 def _init_process_group(backend: str) -> None:
@@ -327,6 +355,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=BATCH,
                         help="global batch in sequences, split over the ranks (the anchor: %(default)s); more "
                              "makes the step GPU-bound rather than host-bound")  # fmt: skip
+    parser.add_argument("--no-reshard", action="store_true",
+                        help="fully_shard(reshard_after_forward=False): blocks stay unsharded from forward to backward "
+                             "(no all-gather in the backward; more memory); writes ..._noreshard.json")  # fmt: skip
     parser.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny model, eager, 2 steps")
     args = parser.parse_args(argv)
 
@@ -344,14 +375,15 @@ def main(argv=None) -> list[dict]:
     if args.batch < 1 or args.batch % world:
         raise SystemExit(f"--batch {args.batch}: the global batch must be a positive multiple of the {world} ranks")
     setup = Setup(device, sizes, compiled, args.steps, args.warmup, args.check_steps, args.profile, args.trace_dir,
-                  args.batch)  # fmt: skip
+                  args.batch, reshard=not args.no_reshard)  # fmt: skip
     try:
         import triton
 
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if rank == 0:
             print(f"{gpu} x{world} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}"
-                  f" | sizes {sizes} batch {setup.batch} | {'compiled' if compiled else 'eager'} blocks")  # fmt: skip
+                  f" | sizes {sizes} batch {setup.batch} | {'compiled' if compiled else 'eager'} blocks"
+                  f" | reshard_after_forward={setup.reshard}")  # fmt: skip
         wanted = [w for w in args.only.split("|") if w]
         rows = []
         for name, row in ROWS.items():
@@ -369,11 +401,13 @@ def main(argv=None) -> list[dict]:
                             print(f"  {what[:3]} {ms:8.2f} ms {count:5d}x  {name}")
             if args.json:
                 batch = "" if setup.batch == BATCH else f"_b{setup.batch}"  # the anchor's file stays the anchor's
+                batch += "" if setup.reshard else "_noreshard"
                 out = Path(args.out) / f"fsdp2_{gpu.replace(' ', '_')}_x{world}{batch}.json"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 meta = {"gpu": gpu, "world": world, "torch": torch.__version__, "triton": triton.__version__,
                         "date": str(datetime.date.today()), "python": platform.python_version(), "sizes": sizes,
-                        "batch": setup.batch, "compiled": compiled, "lr": LR}  # fmt: skip
+                        "batch": setup.batch, "compiled": compiled, "lr": LR,
+                        "reshard_after_forward": setup.reshard}  # fmt: skip
                 out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
                 print(f"wrote {out}")
         return rows

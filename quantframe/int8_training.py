@@ -24,9 +24,9 @@ from quantframe.tensor import (
     REQUANTIZING_INPLACE_OPS,
     WINDOW_OPS,
     QuantTensor,
-    cached_signature,
     fsdp_all_gather_inputs,
     fsdp_gathered,
+    fsdp_pre_all_gather_hook,
     check_weight,
     dequantizing_op,
     foreach_op,
@@ -129,7 +129,7 @@ class Int8QTLinearWeight(QuantTensor):
     # FSDP2 extension: the all-gather moves int8 data + fp32 row scales, never a float weight.
     #   fully_shard: weight --split/narrow/new_zeros (dim 0, rows)--> local shard (this class)
     #   forward:     pre_all_gather -> (int_data, scale) --all-gather--> post_all_gather -> full weight
-    @cached_signature
+    @fsdp_pre_all_gather_hook
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
         world = mesh.size()
         if outer_size is not None and outer_size[0] % world:
@@ -139,7 +139,7 @@ class Int8QTLinearWeight(QuantTensor):
                 f"{type(self).__name__}: FSDP2 needs out_features={outer_size[0]} divisible by the "
                 f"shard world size {world}; leave this layer out of quantize_ (filter_fn) or pad it"
             )
-        return fsdp_all_gather_inputs(mesh, (self.int_data, self.scale))
+        return fsdp_all_gather_inputs(world, (self.int_data, self.scale))
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         if out is not None:  # later steps: FSDP2 refilled the storages `out` already views

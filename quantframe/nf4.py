@@ -25,9 +25,9 @@ from quantframe.tensor import (
     DEQUANTIZING_OPS,
     WINDOW_OPS,
     QuantTensor,
-    cached_signature,
     fsdp_all_gather_inputs,
     fsdp_gathered,
+    fsdp_pre_all_gather_hook,
     check_weight,
     dequantizing_op,
     window_op,
@@ -212,7 +212,7 @@ class NF4Tensor(QuantTensor):
     #   fully_shard: weight --split/slice/new_zeros/copy_ (dim 0, whole rows)--> local shard (NF4)
     #   forward:     pre_all_gather -> (codes, quantized_scalers, scaler_scale) --all-gather-->
     #                post_all_gather -> full NF4 weight (scaler_mean: the same on every shard)
-    @cached_signature
+    @fsdp_pre_all_gather_hook
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
         world = mesh.size()
         rows = outer_size[0] if outer_size is not None else self.shape[0] * world
@@ -225,7 +225,7 @@ class NF4Tensor(QuantTensor):
                 f"block_size*scaler_block_size={unit}; "
                 "leave this layer out of quantize_ (filter_fn) or change the sizes"
             )
-        return fsdp_all_gather_inputs(mesh, (self.codes, self.quantized_scalers, self.scaler_scale))
+        return fsdp_all_gather_inputs(world, (self.codes, self.quantized_scalers, self.scaler_scale))
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         if out is not None:  # later steps: FSDP2 refilled the storages `out` already views

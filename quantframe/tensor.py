@@ -34,10 +34,11 @@ if torch.distributed.is_available():
 aten = torch.ops.aten
 
 Handler = Callable[[Any, tuple, tuple, dict], Any]
+_RESOLVED: dict[tuple[type, str, Any], Handler | None] = {}  # QuantTensor._lookup's memo
 
 __all__ = [
     "QuantTensor",
-    "cached_signature",
+    "fsdp_pre_all_gather_hook",
     "fsdp_all_gather_inputs",
     "fsdp_gathered",
     "check_weight",
@@ -76,12 +77,40 @@ def unsupported_op_message(cls: type, op: Any) -> str:
     return f"{cls.__name__} does not support {_op_name(op)}; supported: {supported}"
 
 
-def cached_signature(fn: Callable) -> Callable:
-    """Store ``inspect.signature(fn)`` on ``fn``. FSDP2 calls ``inspect.signature`` on a subclass's
-    ``fsdp_pre_all_gather`` at every all-gather of every parameter (to pick its argument list):
-    ~12 µs a call parsed from the code object, ~4 µs with the signature stored."""
-    fn.__signature__ = inspect.signature(fn)
-    return fn
+class _BoundPreAllGather:
+    """``weight.fsdp_pre_all_gather``: the hook bound to its weight. Each hook's subclass of this
+    stores the bound signature (the hook's without ``self``) on the class."""
+
+    __slots__ = ("fn", "weight")
+    __signature__: inspect.Signature
+
+    def __init__(self, fn: Callable, weight: Tensor):
+        self.fn, self.weight = fn, weight
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.weight, *args, **kwargs)
+
+
+class fsdp_pre_all_gather_hook:
+    """Decorator for a weight's ``fsdp_pre_all_gather``. FSDP2 calls ``inspect.signature`` on the bound
+    hook at every all-gather of every parameter (to pick its argument list). On a bound method that
+    copies the function's signature without ``self``: ~17 µs a call on the 2-core CI machine, 48 calls
+    a step for the anchor model of ``benchmarks/fsdp2.py``. Bound through this descriptor the hook is a
+    small callable whose signature is stored on its class, which ``inspect.signature`` returns as is.
+    On the class (``Cls.fsdp_pre_all_gather``) it is the descriptor, callable as the plain function."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__signature__ = inspect.signature(fn)
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        bound = self.__signature__.replace(parameters=list(self.__signature__.parameters.values())[1:])
+        self.bound_type = type(f"Bound_{fn.__name__}", (_BoundPreAllGather,), {"__slots__": (), "__signature__": bound})
+
+    def __get__(self, weight: Tensor | None, owner: type | None = None) -> Any:
+        return self if weight is None else self.bound_type(self.fn, weight)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
 
 def check_weight(w: object, who: str) -> None:
@@ -118,11 +147,21 @@ class QuantTensor(Tensor):
 
     @classmethod
     def _lookup(cls, table: str, op: Any) -> Handler | None:
+        # Memoized: FSDP2 and the optimizers send a few hundred torch functions a step through
+        # __torch_function__ (``.size()``, ``.grad``...); a dict lookup instead of an MRO walk.
+        key = (cls, table, op)
+        try:
+            return _RESOLVED[key]
+        except KeyError:
+            pass
+        handler = None
         for klass in cls.__mro__:
             own = klass.__dict__.get(table)
             if own is not None and op in own:
-                return own[op]
-        return None
+                handler = own[op]
+                break
+        _RESOLVED[key] = handler
+        return handler
 
     @staticmethod
     def __new__(cls, *tensors_and_attrs: Any, shape: torch.Size, dtype: torch.dtype, requires_grad: bool = False):
@@ -145,6 +184,7 @@ class QuantTensor(Tensor):
         ops = list(ops) if isinstance(ops, (list, tuple)) else [ops]
 
         def decorator(fn: Handler) -> Handler:
+            _RESOLVED.clear()  # a new entry may override what a subclass resolved to
             for op in ops:
                 is_aten = isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
                 (cls._aten_table if is_aten else cls._fn_table)[op] = fn
@@ -551,10 +591,10 @@ def float_master_collective_op(func, types, args, kwargs):
 # all-gather input is copied into the unsharded parameter's buffer. There the other tensors travel in
 # the metadata, and the post-all-gather hook copies them into storages of their own (FSDP2 frees and
 # re-allocates the unsharded tensors' storages between steps: they must not alias the shard's).
-def fsdp_all_gather_inputs(mesh, tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], object]:
+def fsdp_all_gather_inputs(world: int, tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], object]:
     """``(all-gather inputs, metadata)`` for ``fsdp_pre_all_gather``: ``tensors`` and None, or at world
     size 1 the first tensor and the others as metadata (see above)."""
-    if mesh.size() == 1 and len(tensors) > 1:
+    if world == 1 and len(tensors) > 1:
         return tensors[:1], ("world 1", tensors[1:])
     return tensors, None
 
@@ -573,6 +613,7 @@ def fsdp_gathered(outputs, metadata, out_inner: tuple[Tensor, ...] | None = None
     return (*outputs, *(t.clone() for t in rest))
 
 
+@fsdp_pre_all_gather_hook
 def float_master_fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
     param_dtype = getattr(mp_policy, "param_dtype", None) or self.float_data.dtype
     data = self.float_data.to(param_dtype)

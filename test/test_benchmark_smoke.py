@@ -99,3 +99,16 @@ def test_plot_latency_clips_only_runs_far_past_bf16():
     assert x_limit([10.0, 500.0], bf16_us=20.0) == 60.0  # the 500 bar ends at the edge, value printed
     assert x_limit([10.0, 30.0], bf16_us=20.0) == 30.0
     assert x_limit([10.0, 30.0], bf16_us=None) == 30.0
+
+
+def test_plot_fsdp2_draws_the_committed_batches(tmp_path):
+    plot_fsdp2 = _benchmark("plot_fsdp2")
+    ratios, bf16_ms = plot_fsdp2.speedups(_BENCHMARKS / "results", "NVIDIA_H200", 2)
+    assert sorted(bf16_ms) == [4, 8, 16, 32]  # the anchor's file and the _b<N> files, not _noreshard
+    qt = dict(ratios["quantframe int8 QT + AdamW"])
+    assert set(qt) == {4, 8, 16, 32} and all(0 < v < 2 for v in qt.values())
+    out = tmp_path / "fsdp2.png"
+    plot_fsdp2.main([str(_BENCHMARKS / "results"), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no fsdp2_NVIDIA_H200_x3"):
+        plot_fsdp2.speedups(_BENCHMARKS / "results", "NVIDIA_H200", 3)

@@ -376,16 +376,30 @@ def test_all_gather_bytes_int8_are_half_of_bf16(fsdp_runs):
         assert int8["reduce_scatter"] == bf16["reduce_scatter"] == 2 * BYTES_DIM * BYTES_DIM * 2
 
 
-@pytest.mark.parametrize("cls_name", ["Int8QTLinearWeight", "NF4Tensor"])
-def test_pre_all_gather_signature_is_stored(cls_name):
+@pytest.mark.parametrize("cls_name", ["Int8QTLinearWeight", "NF4Tensor", "Int8MixedPrecisionQTLinearWeight",
+                                      "Int8MixedPrecisionLinearWeight", "BitNetTrainingLinearWeight"])  # fmt: skip
+def test_pre_all_gather_signature_is_stored(cls_name, monkeypatch):
     # FSDP2 calls inspect.signature on the bound hook at every all-gather of every parameter and
-    # needs 5 parameters; the stored signature makes that a lookup instead of a parse.
+    # needs 5 parameters; the bound hook's signature is stored on its type, so inspect returns it
+    # without a parse or a copy (a bound method would be copied without `self` at every call).
     import inspect
 
-    import quantframe.int8_training
-    import quantframe.nf4
+    import quantframe
 
-    cls = getattr(quantframe.int8_training, cls_name, None) or getattr(quantframe.nf4, cls_name)
-    assert "__signature__" in vars(cls.fsdp_pre_all_gather)
-    assert list(inspect.signature(cls.fsdp_pre_all_gather).parameters)[1:] == [
-        "mesh", "outer_size", "outer_stride", "module", "mp_policy"]  # fmt: skip
+    cls = getattr(quantframe, cls_name)
+    weight = cls.from_float(torch.randn(64, 256))
+    bound = weight.fsdp_pre_all_gather
+    assert list(inspect.signature(bound).parameters) == ["mesh", "outer_size", "outer_stride", "module", "mp_policy"]
+    assert inspect.signature(bound) is type(bound).__signature__
+    assert list(inspect.signature(cls.fsdp_pre_all_gather).parameters)[0] == "self"
+    # no signature work per call: a bound method's path (which copies the signature) must not run
+    monkeypatch.setattr(inspect, "_signature_bound_method", lambda sig: pytest.fail("signature copied"))
+    inspect.signature(weight.fsdp_pre_all_gather)
+
+    class Mesh:  # what the hook reads of a DeviceMesh
+        def size(self):
+            return 1
+
+    # called bound (as FSDP2 does) or through the class (as the tests' recording hooks do): the same inputs
+    (a, _), (b, _) = bound(Mesh()), cls.fsdp_pre_all_gather(weight, Mesh())
+    assert [t.data_ptr() for t in a] == [t.data_ptr() for t in b] and len(a) == 1  # world 1: the first input

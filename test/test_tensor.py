@@ -47,6 +47,28 @@ def test_tables_are_per_class_and_inherited():
     assert halves().clone().tag == "t"
 
 
+def test_lookups_see_entries_registered_after_them():
+    # _lookup is memoized; a registration must not leave a stale answer (None, or the parent's handler)
+    class Late(Halves):
+        pass
+
+    assert Late._lookup("_aten_table", aten.exp.default) is None
+    assert Late._lookup("_fn_table", F.linear) is _halves_linear
+
+    def late_exp(func, types, args, kwargs):
+        return args[0].dequantize().exp()
+
+    def late_linear(func, types, args, kwargs):
+        return F.linear(args[0], args[1].dequantize(args[0].dtype)) + 1
+
+    Late.implements(aten.exp.default)(late_exp)
+    Late.implements(F.linear)(late_linear)
+    assert Late._lookup("_aten_table", aten.exp.default) is late_exp
+    assert Late._lookup("_fn_table", F.linear) is late_linear
+    assert Halves._lookup("_fn_table", F.linear) is _halves_linear  # the parent keeps its own
+    torch.testing.assert_close(torch.exp(halves(cls=Late)), halves().dequantize().exp())
+
+
 def test_torch_function_table_and_fallthrough():
     x = torch.ones(1, 3)
     torch.testing.assert_close(F.linear(x, halves()), x @ halves().dequantize().T)
