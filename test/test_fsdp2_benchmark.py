@@ -19,14 +19,18 @@ _SCRIPT = Path(__file__).parents[1] / "benchmarks" / "fsdp2.py"
 WORLD = 2
 
 
+def _run_smoke(out: Path, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           str(_SCRIPT), "--cpu-smoke", "--json", "--out", str(out), *args]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(_SCRIPT), "--cpu-smoke", "--json", "--out", str(out), "--batch", "6"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run_smoke(out, "--batch", "6")
     # a batch other than the anchor's 4 goes to its own file (the anchor's results stay the anchor's)
     return json.loads((out / f"fsdp2_cpu_x{WORLD}_b6.json").read_text())
 
@@ -48,6 +52,27 @@ def test_every_quantframe_row_trains_sharded_and_matches_the_unsharded_run(smoke
         assert r["loss_rel_diff"] < 2e-3, name
         assert r["loss_moved"] > 5 * r["loss_rel_diff"], name
         assert r["all_gather_calls"] > 0 and r["all_gather_bytes"] > 0
+
+
+def test_rows_report_host_time_per_phase(smoke):
+    for r in _rows(smoke).values():
+        if "error" in r:
+            continue
+        host = r["host_ms"]  # the largest rank's, per step
+        assert set(host) == {"fwd", "bwd", "opt", "rest"}, r["run"]
+        assert all(v >= 0 for v in host.values()) and host["fwd"] > 0 and host["bwd"] > 0, r["run"]
+
+
+def test_no_reshard_drops_the_backward_all_gathers(smoke, tmp_path):
+    _run_smoke(tmp_path, "--batch", "6", "--no-reshard", "--only", "bf16, torch|quantframe int8 QT")
+    kept = json.loads((tmp_path / f"fsdp2_cpu_x{WORLD}_b6_noreshard.json").read_text())
+    assert kept["meta"]["reshard_after_forward"] is False and smoke["meta"]["reshard_after_forward"] is True
+    resharded = _rows(smoke)
+    for name, r in _rows(kept).items():
+        assert "error" not in r, (name, r.get("error"))
+        # blocks stay unsharded from forward to backward: each is all-gathered once a step, not twice
+        assert 2 * r["all_gather_calls"] == resharded[name]["all_gather_calls"] > 0, name
+        assert r["loss_rel_diff"] < 2e-3 and r["loss_moved"] > 5 * r["loss_rel_diff"], name
 
 
 def test_int8_weights_halve_the_all_gather_bytes(smoke):
