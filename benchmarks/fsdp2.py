@@ -316,20 +316,42 @@ def print_tables(rows: list[dict], world: int) -> None:
         base = next((r for r in sub if "error" not in r and r["run"].startswith("bf16")), None)
         print(f"\n{table} ({world} rank{'s' if world > 1 else ''})")
         print(f"{'run':42s} {'ms/step':>8s} {'vs bf16':>7s} {'peak GiB':>8s} {'AG MiB':>8s} {'AG/bf16':>7s} "
-              f"{'RS MiB':>8s} {'loss rel diff':>13s} {'loss moved':>10s} {'host fwd/bwd/opt/rest ms':>24s}")  # fmt: skip
+              f"{'RS MiB':>8s} {'loss rel diff':>13s} {'loss moved':>10s} "
+              f"{'host fwd/bwd/opt/rest ms':>24s}")  # fmt: skip
         for r in sub:
             if "error" in r:
                 print(f"{r['run']:42s} n/a  ({r['error']})")
                 continue
             speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "n/a"
             # one rank: FSDP2 runs no collective (0 bytes), so no ratio
-            ag = f"{r['all_gather_bytes'] / base['all_gather_bytes']:.3f}" if base and base["all_gather_bytes"] else "n/a"
+            ag_base = base["all_gather_bytes"] if base else 0
+            ag = f"{r['all_gather_bytes'] / ag_base:.3f}" if ag_base else "n/a"
             diff = f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "-"
             moved = f"{r['loss_moved']:.1e}" if "loss_moved" in r else "-"
             host = "/".join(f"{v:.1f}" for v in r["host_ms"].values()) if "host_ms" in r else "-"
             print(f"{r['run']:42s} {r['ms_per_step']:8.2f} {speed:>7s} {r['peak_gib']:8.2f} "
                   f"{r['all_gather_bytes'] / 2**20:8.1f} {ag:>7s} {r['reduce_scatter_bytes'] / 2**20:8.1f} "
                   f"{diff:>13s} {moved:>10s} {host:>24s}")  # fmt: skip
+
+
+def _write_json(out: Path, meta: dict, rows: list[dict], complete: bool) -> None:
+    """The result file, rewritten after every row (``complete`` False until the last: a run cut short
+    keeps the rows it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": dict(meta, complete=complete), "rows": rows}, indent=1))
+
+
+def _row_sync(watchdog: dist.ProcessGroup, name: str, timeout_s: float) -> None:
+    """Wait for every rank to finish row ``name``; exit at once if one does not come within ``timeout_s``.
+    A row that fails on some ranks only (a compile error on one) leaves the others blocked in a collective
+    until NCCL's timeout; exiting lets torchrun stop them."""
+    try:
+        dist.monitored_barrier(group=watchdog, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        print(f"rank {dist.get_rank()}: the ranks did not all finish row {name!r} within {timeout_s:.0f} s "
+              f"(a rank failed where the others did not, or hangs); stopping the run. {str(e).splitlines()[0]}",
+              flush=True)  # fmt: skip
+        os._exit(1)
 
 
 def _init_process_group(backend: str) -> None:
@@ -359,6 +381,10 @@ def main(argv=None) -> list[dict]:
                         help="fully_shard(reshard_after_forward=False): blocks stay unsharded from forward to backward "
                              "(no all-gather in the backward; more memory); writes ..._noreshard.json")  # fmt: skip
     parser.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny model, eager, 2 steps")
+    parser.add_argument("--row-sync-timeout", type=float, default=180.0,
+                        help="seconds the ranks wait for each other after a row; a rank that does not come (it "
+                             "failed where the others did not, or hangs) stops the run instead of a 5-minute "
+                             "collective timeout")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -385,12 +411,24 @@ def main(argv=None) -> list[dict]:
                   f" | sizes {sizes} batch {setup.batch} | {'compiled' if compiled else 'eager'} blocks"
                   f" | reshard_after_forward={setup.reshard}")  # fmt: skip
         wanted = [w for w in args.only.split("|") if w]
+        # a CPU group with its own timeout: the rows' collectives run on the default group (NCCL on GPUs)
+        watchdog = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.row_sync_timeout))
+        meta = {"gpu": gpu, "world": world, "torch": torch.__version__, "triton": triton.__version__,
+                "date": str(datetime.date.today()), "python": platform.python_version(), "sizes": sizes,
+                "batch": setup.batch, "compiled": compiled, "lr": LR,
+                "reshard_after_forward": setup.reshard}  # fmt: skip
+        batch = "" if setup.batch == BATCH else f"_b{setup.batch}"  # the anchor's file stays the anchor's
+        batch += "" if setup.reshard else "_noreshard"
+        out = Path(args.out) / f"fsdp2_{gpu.replace(' ', '_')}_x{world}{batch}.json"
         rows = []
         for name, row in ROWS.items():
             if not wanted or any(w in name for w in wanted):
                 rows.append(run_row(name, row, setup))
                 if rank == 0:  # progress, and the figures of a run cut short
                     print(json.dumps({k: v for k, v in rows[-1].items() if "losses" not in k}), flush=True)
+                    if args.json:
+                        _write_json(out, meta, rows, complete=False)
+                _row_sync(watchdog, name, args.row_sync_timeout)
         if rank == 0:
             print_tables(rows, world)
             for r in rows:
@@ -400,15 +438,7 @@ def main(argv=None) -> list[dict]:
                         for name, count, ms in r["top"][what]:
                             print(f"  {what[:3]} {ms:8.2f} ms {count:5d}x  {name}")
             if args.json:
-                batch = "" if setup.batch == BATCH else f"_b{setup.batch}"  # the anchor's file stays the anchor's
-                batch += "" if setup.reshard else "_noreshard"
-                out = Path(args.out) / f"fsdp2_{gpu.replace(' ', '_')}_x{world}{batch}.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                meta = {"gpu": gpu, "world": world, "torch": torch.__version__, "triton": triton.__version__,
-                        "date": str(datetime.date.today()), "python": platform.python_version(), "sizes": sizes,
-                        "batch": setup.batch, "compiled": compiled, "lr": LR,
-                        "reshard_after_forward": setup.reshard}  # fmt: skip
-                out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                _write_json(out, meta, rows, complete=True)
                 print(f"wrote {out}")
         return rows
     finally:

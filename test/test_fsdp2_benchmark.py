@@ -106,3 +106,35 @@ def test_tables_print_one_rank_runs_without_an_all_gather_ratio(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "training (1 rank)" in lines
     assert lines[-1].split()[-6:-4] == ["0.0", "n/a"]  # AG MiB, AG/bf16
+
+
+_ONE_RANK_FAILS = """
+import sys, torch.distributed as dist
+sys.path.insert(0, {bench!r})
+import fsdp2
+
+def fail_on_rank_1(model):
+    if dist.get_rank() == 1:  # e.g. a compile error on one rank only
+        raise RuntimeError("rank 1 only")
+
+fsdp2.ROWS = {{"bf16, torch AdamW": fsdp2.ROWS["bf16, torch AdamW"],
+               "fails on rank 1": fsdp2.Row("training", fail_on_rank_1, fsdp2.torch_adamw),
+               "never reached": fsdp2.ROWS["bf16, torch AdamW"]}}
+fsdp2.main(sys.argv[1:])
+"""
+
+
+def test_a_row_failing_on_one_rank_stops_the_run_and_keeps_the_rows_measured(tmp_path):
+    # rank 1 skips the row, rank 0 waits in the row's first collective: without the watchdog barrier
+    # the run would hang until the process group's 5-minute timeout
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(_ONE_RANK_FAILS.format(bench=str(_SCRIPT.parent)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(script),
+           "--cpu-smoke", "--json", "--out", str(tmp_path), "--check-steps", "0", "--row-sync-timeout", "5"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "did not all finish row 'fails on rank 1'" in done.stdout + done.stderr
+    result = json.loads((tmp_path / f"fsdp2_cpu_x{WORLD}.json").read_text())
+    assert result["meta"]["complete"] is False
+    assert [r["run"] for r in result["rows"]] == ["bf16, torch AdamW"] and "ms_per_step" in result["rows"][0]
