@@ -19,11 +19,16 @@ _SCRIPT = Path(__file__).parents[1] / "benchmarks" / "fsdp2.py"
 WORLD = 2
 
 
-def _run_smoke(out: Path, *args: str) -> None:
+def _torchrun(script: Path, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``script --cpu-smoke --json --out out *args`` on WORLD gloo ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(_SCRIPT), "--cpu-smoke", "--json", "--out", str(out), *args]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           str(script), "--cpu-smoke", "--json", "--out", str(out), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_smoke(out: Path, *args: str) -> None:
+    done = _torchrun(_SCRIPT, out, *args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -129,10 +134,7 @@ def test_a_row_failing_on_one_rank_stops_the_run_and_keeps_the_rows_measured(tmp
     # the run would hang until the process group's 5-minute timeout
     script = tmp_path / "one_rank_fails.py"
     script.write_text(_ONE_RANK_FAILS.format(bench=str(_SCRIPT.parent)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(script),
-           "--cpu-smoke", "--json", "--out", str(tmp_path), "--check-steps", "0", "--row-sync-timeout", "5"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    done = _torchrun(script, tmp_path, "--check-steps", "0", "--row-sync-timeout", "5", timeout=120)
     assert done.returncode != 0
     assert "did not all finish row 'fails on rank 1'" in done.stdout + done.stderr
     result = json.loads((tmp_path / f"fsdp2_cpu_x{WORLD}.json").read_text())
